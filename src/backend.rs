@@ -1,0 +1,74 @@
+//! The interface every backend implements, and the checks they share.
+
+use crate::batch::{check_len, Batch, BatchShape};
+use crate::config::DpoConfig;
+use crate::dtype::{Element, Label};
+use crate::error::{Error, Result};
+use crate::output::{DpoOutput, ForwardState};
+
+/// One implementation of the fused DPO forward and backward. [`crate::Cpu`] and
+/// [`crate::Cuda`] implement it with the same argument types and the same input checks.
+pub trait Backend {
+    /// Returns a short name for messages and bench labels (`cpu`, `cuda:0`).
+    fn name(&self) -> String;
+
+    /// Computes sequence log-probs, losses, rewards, metrics and the backward state.
+    ///
+    /// Fails before computing anything on an invalid shape, label or parameter, and after the
+    /// pass over the logits (which writes nothing a caller owns) on a NaN or +inf logit at a
+    /// valid position.
+    fn forward<T: Element, L: Label>(
+        &self,
+        batch: &Batch<'_, T, L>,
+        config: &DpoConfig,
+    ) -> Result<DpoOutput>;
+
+    /// Writes `grad_loss * d loss / d logits` into `grad` (`[2B, T, W]`, any element type):
+    /// zeros on masked positions and padded columns.
+    fn backward<T: Element, L: Label, G: Element>(
+        &self,
+        batch: &Batch<'_, T, L>,
+        state: &ForwardState,
+        grad_loss: f32,
+        grad: &mut [G],
+    ) -> Result<()>;
+
+    /// Overwrites `logits` with `grad_loss * d loss / d logits`. Every check runs before the
+    /// first write, so an error leaves the logits untouched.
+    fn backward_in_place<T: Element, L: Label>(
+        &self,
+        shape: BatchShape,
+        logits: &mut [T],
+        labels: &[L],
+        state: &ForwardState,
+        grad_loss: f32,
+    ) -> Result<()>;
+}
+
+/// Checks a backward call against its forward state: same shape, buffer lengths, labels in
+/// range and a finite upstream gradient.
+pub(crate) fn validate_backward<L: Label>(
+    shape: &BatchShape,
+    logits_len: usize,
+    labels: &[L],
+    state: &ForwardState,
+    grad_loss: f32,
+    grad_len: Option<usize>,
+) -> Result<()> {
+    state.check_shape(shape)?;
+    let dims = [shape.sequences(), shape.seq_len, shape.row_stride];
+    check_len("policy_logits", logits_len, &dims)?;
+    check_len("labels", labels.len(), &dims[..2])?;
+    if let Some(len) = grad_len {
+        check_len("policy_logits_grad", len, &dims)?;
+    }
+    crate::batch::check_labels(shape, labels, state.config.ignore_index)?;
+    if !grad_loss.is_finite() {
+        return Err(Error::InvalidParameter {
+            name: "grad_loss",
+            value: grad_loss as f64,
+            expected: "a finite upstream gradient of the loss (1.0 for a plain loss.backward())",
+        });
+    }
+    Ok(())
+}

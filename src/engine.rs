@@ -1,0 +1,141 @@
+//! Device selection and the one entry point a trainer calls.
+
+use crate::backend::Backend;
+use crate::batch::{Batch, BatchShape};
+use crate::config::DpoConfig;
+use crate::cpu::Cpu;
+use crate::cuda::Cuda;
+use crate::dtype::{Element, Label};
+use crate::error::Result;
+use crate::output::{DpoOutput, ForwardState};
+
+/// Where to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The rayon CPU backend.
+    Cpu,
+    /// CUDA device with this ordinal; fails with [`crate::Error::NoDevice`] when there is none.
+    Cuda(usize),
+    /// CUDA device 0 when a driver, NVRTC and a GPU are present, otherwise the CPU.
+    Auto,
+}
+
+enum Engine {
+    Cpu(Cpu),
+    Cuda(Box<Cuda>),
+}
+
+/// A DPO loss bound to a config and a backend.
+///
+/// ```
+/// use dpo_kernels::{Batch, BatchShape, Device, DpoConfig, DpoLoss};
+///
+/// // One pair, two positions, a vocabulary of 4 padded to a row stride of 5.
+/// let shape = BatchShape::from_dims(2, 2, 5, 4)?;
+/// let logits: Vec<f32> = (0..shape.logits_len()).map(|i| (i % 7) as f32 * 0.3).collect();
+/// let labels: Vec<i64> = vec![1, 3, 2, -100]; // chosen: 2 tokens; rejected: 1 token
+/// let reference = [-2.5f32, -1.5];
+/// let batch = Batch::new(shape, &logits, &labels, Some(&reference));
+///
+/// let dpo = DpoLoss::new(DpoConfig::new(0.1), Device::Cpu)?;
+/// let out = dpo.forward(&batch)?;
+/// let mut grad = vec![0.0f32; shape.logits_len()];
+/// dpo.backward(&batch, &out.state, 1.0, &mut grad)?;
+///
+/// assert!(out.loss > 0.0);
+/// assert_eq!(grad[3 * 5 + 4], 0.0); // padded column
+/// assert!(grad[15..20].iter().all(|&g| g == 0.0)); // masked position
+/// # Ok::<(), dpo_kernels::Error>(())
+/// ```
+pub struct DpoLoss {
+    config: DpoConfig,
+    engine: Engine,
+    fallback_reason: Option<String>,
+}
+
+impl DpoLoss {
+    /// Checks the config and opens the backend. With [`Device::Auto`], a missing CUDA driver,
+    /// NVRTC or GPU selects the CPU and [`DpoLoss::fallback_reason`] says why.
+    pub fn new(config: DpoConfig, device: Device) -> Result<Self> {
+        config.validate()?;
+        let (engine, fallback_reason) = match device {
+            Device::Cpu => (Engine::Cpu(Cpu), None),
+            Device::Cuda(ordinal) => (Engine::Cuda(Box::new(Cuda::new(ordinal)?)), None),
+            Device::Auto => match Cuda::new(0) {
+                Ok(cuda) => (Engine::Cuda(Box::new(cuda)), None),
+                Err(err) => (Engine::Cpu(Cpu), Some(err.to_string())),
+            },
+        };
+        Ok(DpoLoss {
+            config,
+            engine,
+            fallback_reason,
+        })
+    }
+
+    /// Returns the config.
+    pub fn config(&self) -> &DpoConfig {
+        &self.config
+    }
+
+    /// Returns the backend's name (`cpu`, `cuda:0`).
+    pub fn device_name(&self) -> String {
+        match &self.engine {
+            Engine::Cpu(cpu) => cpu.name(),
+            Engine::Cuda(cuda) => cuda.name(),
+        }
+    }
+
+    /// Returns why [`Device::Auto`] fell back to the CPU, if it did.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
+    }
+
+    /// Runs the forward pass. See [`Backend::forward`].
+    pub fn forward<T: Element, L: Label>(&self, batch: &Batch<'_, T, L>) -> Result<DpoOutput> {
+        match &self.engine {
+            Engine::Cpu(cpu) => cpu.forward(batch, &self.config),
+            Engine::Cuda(cuda) => cuda.forward(batch, &self.config),
+        }
+    }
+
+    /// Writes `grad_loss * d loss / d logits` into `grad`. See [`Backend::backward`].
+    pub fn backward<T: Element, L: Label, G: Element>(
+        &self,
+        batch: &Batch<'_, T, L>,
+        state: &ForwardState,
+        grad_loss: f32,
+        grad: &mut [G],
+    ) -> Result<()> {
+        match &self.engine {
+            Engine::Cpu(cpu) => cpu.backward(batch, state, grad_loss, grad),
+            Engine::Cuda(cuda) => cuda.backward(batch, state, grad_loss, grad),
+        }
+    }
+
+    /// Overwrites the logits with their gradient. See [`Backend::backward_in_place`].
+    pub fn backward_in_place<T: Element, L: Label>(
+        &self,
+        shape: BatchShape,
+        logits: &mut [T],
+        labels: &[L],
+        state: &ForwardState,
+        grad_loss: f32,
+    ) -> Result<()> {
+        match &self.engine {
+            Engine::Cpu(cpu) => cpu.backward_in_place(shape, logits, labels, state, grad_loss),
+            Engine::Cuda(cuda) => cuda.backward_in_place(shape, logits, labels, state, grad_loss),
+        }
+    }
+
+    /// Runs the forward and the backward with `grad_loss = 1`, writing the gradient into `grad`.
+    pub fn forward_backward<T: Element, L: Label, G: Element>(
+        &self,
+        batch: &Batch<'_, T, L>,
+        grad: &mut [G],
+    ) -> Result<DpoOutput> {
+        let out = self.forward(batch)?;
+        self.backward(batch, &out.state, 1.0, grad)?;
+        Ok(out)
+    }
+}
