@@ -196,35 +196,16 @@ pub fn write_outputs(
     grad: &[f32],
 ) -> Result<()> {
     let pairs = vec![shape.pairs];
-    let f32_tensor = |values: &[f32], dims: Vec<usize>| -> Result<(Vec<u8>, Vec<usize>)> {
-        Ok((bytemuck::cast_slice(values).to_vec(), dims))
-    };
-    let entries: Vec<(&str, (Vec<u8>, Vec<usize>))> = vec![
-        ("loss", f32_tensor(&[output.loss], vec![])?),
-        ("losses", f32_tensor(&output.losses, pairs.clone())?),
-        (
-            "chosen_logps",
-            f32_tensor(&output.chosen_logps, pairs.clone())?,
-        ),
-        (
-            "rejected_logps",
-            f32_tensor(&output.rejected_logps, pairs.clone())?,
-        ),
-        (
-            "chosen_rewards",
-            f32_tensor(&output.chosen_rewards, pairs.clone())?,
-        ),
-        (
-            "rejected_rewards",
-            f32_tensor(&output.rejected_rewards, pairs)?,
-        ),
-        (
-            "policy_logits_grad",
-            f32_tensor(
-                grad,
-                vec![shape.sequences(), shape.seq_len, shape.row_stride],
-            )?,
-        ),
+    let grad_dims = vec![shape.sequences(), shape.seq_len, shape.row_stride];
+    let loss = [output.loss];
+    let entries: [(&str, &[f32], Vec<usize>); 7] = [
+        ("loss", &loss, vec![]),
+        ("losses", &output.losses, pairs.clone()),
+        ("chosen_logps", &output.chosen_logps, pairs.clone()),
+        ("rejected_logps", &output.rejected_logps, pairs.clone()),
+        ("chosen_rewards", &output.chosen_rewards, pairs.clone()),
+        ("rejected_rewards", &output.rejected_rewards, pairs),
+        ("policy_logits_grad", grad, grad_dims),
     ];
     let safetensors_error = |source| Error::SafeTensors {
         path: path.display().to_string(),
@@ -232,8 +213,9 @@ pub fn write_outputs(
     };
     let views = entries
         .iter()
-        .map(|(name, (data, dims))| {
-            safetensors::tensor::TensorView::new(Dtype::F32, dims.clone(), data)
+        .map(|(name, values, dims)| {
+            let bytes: &[u8] = bytemuck::cast_slice(values);
+            safetensors::tensor::TensorView::new(Dtype::F32, dims.clone(), bytes)
                 .map(|view| (*name, view))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
