@@ -14,6 +14,41 @@ use crate::dtype::Element;
 /// and lets the max and sum loops vectorize.
 const CHUNK: usize = 64;
 
+/// Computes `exp(x)` for `x <= 0` (or -inf) in straight-line f32 code that the compiler
+/// vectorizes, unlike a libm call. Range reduction `x = k * ln 2 + r` with `|r| <= ln 2 / 2`,
+/// a degree-7 Taylor polynomial for `exp(r)` (truncation below 1.2e-8 relative) and `2^k`
+/// built from exponent bits; the result is within 2 ulp of the true value. Inputs below -87
+/// return exactly 0: the true values are below 2^-125 and change no f32 sum or gradient
+/// within the crate's tolerances, and `exp(-inf)` must be 0.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that k * LN2_HI is exact for |k| < 2^8.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let clamped = if x > -87.0 { x } else { -87.0 };
+    let shifted = clamped * LOG2_E + ROUND;
+    let k = shifted - ROUND;
+    let r = (clamped - k * LN2_HI) - k * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let k_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits(((k_int + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
 /// What the forward pass keeps of one valid row.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct RowStats {
@@ -48,6 +83,46 @@ impl RowFault {
     }
 }
 
+/// Independent accumulators per chunk. Float sums do not vectorize unless the code itself
+/// splits them into lanes, because reassociation changes the result; 8 lanes fill one AVX
+/// register or two SSE registers. The lane order is fixed, so results stay deterministic.
+const LANES: usize = 8;
+
+/// Reduces one chunk of converted logits: `(max, sum of x)`, and whether all are `< +inf`.
+#[inline(always)]
+fn chunk_max_and_sum(xs: &[f32; CHUNK]) -> (f32, f32, bool) {
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    let mut lane_sum = [0.0f32; LANES];
+    let mut lane_ok = [true; LANES];
+    for group in xs.as_chunks::<LANES>().0 {
+        for l in 0..LANES {
+            let x = group[l];
+            lane_max[l] = if x > lane_max[l] { x } else { lane_max[l] };
+            lane_sum[l] += x;
+            lane_ok[l] &= x < f32::INFINITY;
+        }
+    }
+    let max = lane_max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    (max, lane_sum.iter().sum(), lane_ok.iter().all(|&ok| ok))
+}
+
+/// Sums `exp(x - max)` over one chunk: an elementwise pass (which the loop vectorizer takes)
+/// and then a sum in lanes.
+#[inline(always)]
+fn chunk_exp_sum(xs: &[f32; CHUNK], max: f32) -> f32 {
+    let mut exps = [0.0f32; CHUNK];
+    for (e, &x) in exps.iter_mut().zip(xs) {
+        *e = exp_nonpositive(x - max);
+    }
+    let mut lane_sum = [0.0f32; LANES];
+    for group in exps.as_chunks::<LANES>().0 {
+        for l in 0..LANES {
+            lane_sum[l] += group[l];
+        }
+    }
+    lane_sum.iter().sum()
+}
+
 /// Computes the log-softmax statistics of one valid row (`row.len() == V`) and its target's
 /// log-prob, in one pass.
 pub(crate) fn row_forward<T: Element>(row: &[T], target: usize) -> Result<RowStats, RowFault> {
@@ -56,14 +131,24 @@ pub(crate) fn row_forward<T: Element>(row: &[T], target: usize) -> Result<RowSta
     let mut logit_sum = 0.0f64;
     let mut buf = [0.0f32; CHUNK];
     for (chunk_index, chunk) in row.chunks(CHUNK).enumerate() {
-        let xs = &mut buf[..chunk.len()];
-        for (dst, src) in xs.iter_mut().zip(chunk) {
+        // 1. Widen to f32. The last chunk is padded with -inf, which adds nothing to the
+        //    exponential sum; its logit sum is taken over the real elements only.
+        for (dst, src) in buf.iter_mut().zip(chunk) {
             *dst = src.to_f32();
         }
+        buf[chunk.len()..].fill(f32::NEG_INFINITY);
+        let (chunk_max, chunk_logits, finite_or_neg_inf) = if chunk.len() == CHUNK {
+            chunk_max_and_sum(&buf)
+        } else {
+            let xs = &buf[..chunk.len()];
+            let max = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let ok = xs.iter().all(|&x| x < f32::INFINITY);
+            (max, xs.iter().sum(), ok)
+        };
 
-        // 1. NaN and +inf fail `x < inf`; find the column only on that rare path.
-        let finite_or_neg_inf = xs.iter().fold(true, |ok, &x| ok & (x < f32::INFINITY));
+        // 2. NaN and +inf fail `x < inf`; find the column only on that rare path.
         if !finite_or_neg_inf {
+            let xs = &buf[..chunk.len()];
             let col = xs
                 .iter()
                 .position(|&x| x.is_nan() || x == f32::INFINITY)
@@ -76,20 +161,15 @@ pub(crate) fn row_forward<T: Element>(row: &[T], target: usize) -> Result<RowSta
             });
         }
 
-        // 2. Rescale the running sum when the chunk raises the max.
-        let chunk_max = xs.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        // 3. Rescale the running sum when the chunk raises the max, then add exp(x - m).
+        //    While m is still -inf (only -inf seen so far) there is nothing to add.
         if chunk_max > max {
             sum *= ((max - chunk_max) as f64).exp();
             max = chunk_max;
         }
-
-        // 3. Accumulate exp(x - m) and the raw logits. An all -inf chunk before any finite
-        //    value adds nothing (m is still -inf and exp is skipped).
         if max > f32::NEG_INFINITY {
-            let chunk_sum: f32 = xs.iter().map(|&x| (x - max).exp()).sum();
-            sum += chunk_sum as f64;
+            sum += chunk_exp_sum(&buf, max) as f64;
         }
-        let chunk_logits: f32 = xs.iter().sum();
         logit_sum += chunk_logits as f64;
     }
     if max == f32::NEG_INFINITY {
@@ -119,7 +199,7 @@ pub(crate) fn row_backward<T: Element, G: Element>(
     let vocab = x.len();
     let (real, padded) = grad.split_at_mut(vocab);
     for (g, &xv) in real.iter_mut().zip(x) {
-        let p = ((xv.to_f32() - max) - log_sum).exp();
+        let p = exp_nonpositive((xv.to_f32() - max) - log_sum);
         *g = G::from_f32(-coef * p);
     }
     let p_target = ((x[target].to_f32() - max) - log_sum).exp();
@@ -139,9 +219,37 @@ pub(crate) fn row_backward_in_place<T: Element>(
     let p_target = ((row[target].to_f32() - max) - log_sum).exp();
     let (real, padded) = row.split_at_mut(vocab);
     for v in real.iter_mut() {
-        let p = ((v.to_f32() - max) - log_sum).exp();
+        let p = exp_nonpositive((v.to_f32() - max) - log_sum);
         *v = T::from_f32(-coef * p);
     }
     real[target] = T::from_f32(coef * (1.0 - p_target));
     padded.fill(T::default());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_nonpositive;
+
+    #[test]
+    fn exp_nonpositive_matches_f64_exp() {
+        let mut worst = 0.0f64;
+        let mut x = 0.0f32;
+        while x > -87.0 {
+            let got = exp_nonpositive(x) as f64;
+            let want = (x as f64).exp();
+            let ulp = (want as f32).to_bits().abs_diff((got as f32).to_bits());
+            assert!(ulp <= 2, "exp({x}) = {got}, expected {want} ({ulp} ulp)");
+            worst = worst.max((got - want).abs() / want);
+            x -= 0.000_37;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn exp_nonpositive_limits() {
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-88.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert!(exp_nonpositive(-86.9) > 0.0);
+    }
 }
