@@ -152,3 +152,29 @@ impl Label for i64 {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Element;
+    use half::bf16;
+
+    #[test]
+    fn bf16_conversions_match_half() {
+        let mut bits = 0u32;
+        loop {
+            let value = f32::from_bits(bits);
+            let ours = <bf16 as Element>::from_f32(value);
+            if value.is_nan() {
+                assert!(ours.is_nan(), "{bits:#x} must stay NaN");
+            } else {
+                assert_eq!(ours.to_bits(), bf16::from_f32(value).to_bits(), "input {bits:#x}");
+            }
+            let widened = <bf16 as Element>::to_f32(ours);
+            assert!(widened.to_bits() == ours.to_f32().to_bits() || widened.is_nan());
+            match bits.checked_add(65_521) {
+                Some(next) => bits = next,
+                None => break,
+            }
+        }
+    }
+}
