@@ -167,7 +167,11 @@ mod tests {
             if value.is_nan() {
                 assert!(ours.is_nan(), "{bits:#x} must stay NaN");
             } else {
-                assert_eq!(ours.to_bits(), bf16::from_f32(value).to_bits(), "input {bits:#x}");
+                assert_eq!(
+                    ours.to_bits(),
+                    bf16::from_f32(value).to_bits(),
+                    "input {bits:#x}"
+                );
             }
             let widened = <bf16 as Element>::to_f32(ours);
             assert!(widened.to_bits() == ours.to_f32().to_bits() || widened.is_nan());

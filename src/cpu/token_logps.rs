@@ -10,9 +10,10 @@
 
 use crate::dtype::Element;
 
-/// Elements converted to f32 and reduced together. 64 keeps the buffer in registers or L1
-/// and lets the max and sum loops vectorize.
-const CHUNK: usize = 64;
+/// Elements converted to f32 and reduced together. 256 (1 KiB of f32) amortizes the
+/// horizontal reductions per chunk and stays in L1; on one core of the development machine it ran
+/// the forward 1.3x faster than 64 and 1.15x faster than 1024.
+const CHUNK: usize = 256;
 
 /// Computes `exp(x)` for `x <= 0` (or -inf) in straight-line f32 code that the compiler
 /// vectorizes, unlike a libm call. Range reduction `x = k * ln 2 + r` with `|r| <= ln 2 / 2`,
@@ -123,9 +124,40 @@ fn chunk_exp_sum(xs: &[f32; CHUNK], max: f32) -> f32 {
     lane_sum.iter().sum()
 }
 
+/// Returns true when the CPU runs AVX2 code. The lane structure is explicit and Rust never
+/// contracts `a * b + c` into an FMA, so the AVX2 and the baseline builds of a row function
+/// give bit-identical results; only their speed differs.
+#[inline]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Computes the log-softmax statistics of one valid row (`row.len() == V`) and its target's
 /// log-prob, in one pass.
 pub(crate) fn row_forward<T: Element>(row: &[T], target: usize) -> Result<RowStats, RowFault> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { row_forward_avx2(row, target) };
+    }
+    row_forward_body(row, target)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_forward_avx2<T: Element>(row: &[T], target: usize) -> Result<RowStats, RowFault> {
+    row_forward_body(row, target)
+}
+
+#[inline(always)]
+fn row_forward_body<T: Element>(row: &[T], target: usize) -> Result<RowStats, RowFault> {
     let mut max = f32::NEG_INFINITY;
     let mut sum = 0.0f64;
     let mut logit_sum = 0.0f64;
@@ -195,6 +227,34 @@ pub(crate) fn row_backward<T: Element, G: Element>(
     stats: (f32, f32),
     coef: f32,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { row_backward_avx2(x, grad, target, stats, coef) };
+    }
+    row_backward_body(x, grad, target, stats, coef)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_backward_avx2<T: Element, G: Element>(
+    x: &[T],
+    grad: &mut [G],
+    target: usize,
+    stats: (f32, f32),
+    coef: f32,
+) {
+    row_backward_body(x, grad, target, stats, coef)
+}
+
+#[inline(always)]
+fn row_backward_body<T: Element, G: Element>(
+    x: &[T],
+    grad: &mut [G],
+    target: usize,
+    stats: (f32, f32),
+    coef: f32,
+) {
     let (max, log_sum) = stats;
     let vocab = x.len();
     let (real, padded) = grad.split_at_mut(vocab);
@@ -209,6 +269,34 @@ pub(crate) fn row_backward<T: Element, G: Element>(
 
 /// Same as [`row_backward`], with the gradient written over the logits row (`row.len() == W`).
 pub(crate) fn row_backward_in_place<T: Element>(
+    row: &mut [T],
+    vocab: usize,
+    target: usize,
+    stats: (f32, f32),
+    coef: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { row_backward_in_place_avx2(row, vocab, target, stats, coef) };
+    }
+    row_backward_in_place_body(row, vocab, target, stats, coef)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_backward_in_place_avx2<T: Element>(
+    row: &mut [T],
+    vocab: usize,
+    target: usize,
+    stats: (f32, f32),
+    coef: f32,
+) {
+    row_backward_in_place_body(row, vocab, target, stats, coef)
+}
+
+#[inline(always)]
+fn row_backward_in_place_body<T: Element>(
     row: &mut [T],
     vocab: usize,
     target: usize,
