@@ -316,7 +316,7 @@ fn row_backward_in_place_body<T: Element>(
 
 #[cfg(test)]
 mod tests {
-    use super::exp_nonpositive;
+    use super::*;
 
     #[test]
     fn exp_nonpositive_matches_f64_exp() {
@@ -339,5 +339,25 @@ mod tests {
         assert_eq!(exp_nonpositive(-88.0), 0.0);
         assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
         assert!(exp_nonpositive(-86.9) > 0.0);
+    }
+
+    #[test]
+    fn avx2_and_baseline_rows_are_bit_identical() {
+        let row: Vec<f32> = (0..1000u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 9) % 4000) as f32 * 0.013 - 26.0)
+            .collect();
+        let base = row_forward_body(&row, 17).unwrap();
+        let fast = row_forward(&row, 17).unwrap();
+        assert_eq!(base.logp.to_bits(), fast.logp.to_bits());
+        assert_eq!(base.max.to_bits(), fast.max.to_bits());
+        assert_eq!(base.log_sum.to_bits(), fast.log_sum.to_bits());
+        assert_eq!(base.logit_sum.to_bits(), fast.logit_sum.to_bits());
+        let mut grad_base = vec![0.0f32; 1003];
+        let mut grad_fast = vec![0.0f32; 1003];
+        let stats = (base.max, base.log_sum);
+        row_backward_body(&row, &mut grad_base, 17, stats, -0.25);
+        row_backward(&row, &mut grad_fast, 17, stats, -0.25);
+        let bits = |v: &[f32]| v.iter().map(|g| g.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&grad_base), bits(&grad_fast));
     }
 }
