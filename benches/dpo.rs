@@ -4,10 +4,15 @@
 //!
 //! Criterion reports decimal GB/s of compulsory traffic (see `forward_bytes` and
 //! `forward_backward_bytes`). After each group the bench prints the achieved GB/s next to the
-//! host copy bandwidth measured in the same run, because these passes are memory-bound.
+//! host copy bandwidth measured in the same run: the ceiling of a pass that only streams its
+//! bytes.
 //!
 //! Run: `cargo bench --bench dpo`, or add `-- --warm-up-time 1 --measurement-time 3` for a
 //! shorter run.
+
+// The tests' support module, for its seeded RNG.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::cell::Cell;
 use std::hint::black_box;
@@ -18,6 +23,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dpo_kernels::{Batch, BatchShape, Device, DpoConfig, DpoLoss, Element};
 use half::bf16;
 use rayon::prelude::*;
+
+use common::Rng;
 
 const PAIRS: usize = 4;
 const SEQ_LEN: usize = 512;
@@ -33,15 +40,6 @@ struct BenchBatch<T> {
     valid_positions: usize,
 }
 
-/// Returns the next value of a SplitMix64 sequence.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Builds a batch with uniform logits in [-8, 8) and the first half of every sequence masked.
 fn make_batch<T: Element>() -> BenchBatch<T> {
     let shape = BatchShape {
@@ -55,19 +53,18 @@ fn make_batch<T: Element>() -> BenchBatch<T> {
         .par_chunks_mut(VOCAB)
         .enumerate()
         .for_each(|(position, row)| {
-            let mut state = position as u64;
+            let mut rng = Rng::new(position as u64);
             for x in row {
-                let unit = (splitmix64(&mut state) >> 40) as f32 / (1u64 << 24) as f32;
-                *x = T::from_f32(16.0 * unit - 8.0);
+                *x = T::from_f32(rng.uniform_in(-8.0, 8.0) as f32);
             }
         });
-    let mut state = 7u64;
+    let mut rng = Rng::new(7);
     let labels: Vec<i64> = (0..shape.positions())
         .map(|p| {
             if p % SEQ_LEN < SEQ_LEN / 2 {
                 IGNORE_INDEX
             } else {
-                (splitmix64(&mut state) % VOCAB as u64) as i64
+                rng.below(VOCAB) as i64
             }
         })
         .collect();
