@@ -66,7 +66,7 @@ pub(crate) fn validate_backward<L: Label>(
     if !grad_loss.is_finite() {
         return Err(Error::InvalidParameter {
             name: "grad_loss",
-            value: grad_loss as f64,
+            value: crate::config::as_written(grad_loss),
             expected: "a finite upstream gradient of the loss (1.0 for a plain loss.backward())",
         });
     }
