@@ -1,5 +1,10 @@
 //! The CUDA backend (work in progress: returns `Error::NoDevice` until the kernels land).
 
+#[cfg(feature = "emulator")]
+pub mod emu;
+#[cfg(feature = "emulator")]
+mod runtime;
+
 use crate::backend::Backend;
 use crate::batch::{Batch, BatchShape};
 use crate::config::DpoConfig;
