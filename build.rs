@@ -82,7 +82,10 @@ mod emulator {
             expand.file(&unit_path);
             let expanded = match expand.try_expand() {
                 Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-                Err(e) => panic!("preprocessing {} for the emulator failed: {e}", source.display()),
+                Err(e) => panic!(
+                    "preprocessing {} for the emulator failed: {e}",
+                    source.display()
+                ),
             };
 
             // 3. Rewrite the markers and collect the kernels.
@@ -143,7 +146,7 @@ mod emulator {
     /// Compiler settings shared by preprocessing and compiling. `-O2` even in test builds,
     /// since the kernels run thousands of threads per launch; strict aliasing off because
     /// kernels reinterpret buffers as packs, which CUDA allows; no FMA contraction, so results
-    /// do not depend on the host CPU.
+    /// do not depend on the host CPU. `#pragma unroll` has no g++ meaning and is ignored.
     fn base_build(emu_dir: &Path, kernels_dir: &Path) -> cc::Build {
         let mut build = cc::Build::new();
         build
@@ -156,7 +159,8 @@ mod emulator {
             .flag("-pthread")
             .flag("-fno-strict-aliasing")
             .flag_if_supported("-ffp-contract=off")
-            .flag_if_supported("-Wno-unused-parameter");
+            .flag_if_supported("-Wno-unused-parameter")
+            .flag_if_supported("-Wno-unknown-pragmas");
         build
     }
 
@@ -175,7 +179,9 @@ mod emulator {
             let end = start + marker.len();
             let before = text[pos..start].trim_end();
             match marker {
-                "__emu_shared__" if before.ends_with("extern") && is_word_end(text, pos, before) => {
+                "__emu_shared__"
+                    if before.ends_with("extern") && is_word_end(text, pos, before) =>
+                {
                     let extern_at = pos + before.len() - "extern".len();
                     let semicolon = text[end..]
                         .find(';')
@@ -255,14 +261,14 @@ mod emulator {
         let bad = || format!("cannot read `extern __shared__{decl};`: expected `TYPE NAME[]`");
         let body = decl.strip_suffix(']').ok_or_else(bad)?.trim_end();
         let body = body.strip_suffix('[').ok_or_else(bad)?.trim_end();
-        let name_start = body
-            .rfind(|c: char| !is_ident_char(c))
-            .map_or(0, |i| i + 1);
+        let name_start = body.rfind(|c: char| !is_ident_char(c)).map_or(0, |i| i + 1);
         let (ty, name) = (body[..name_start].trim(), &body[name_start..]);
         if ty.is_empty() || name.is_empty() {
             return Err(bad());
         }
-        Ok(format!("{ty}* const {name} = ({ty}*)::emu::dynamic_shared();"))
+        Ok(format!(
+            "{ty}* const {name} = ({ty}*)::emu::dynamic_shared();"
+        ))
     }
 
     /// Removes `__attribute__((...))` and `alignas(...)` groups.
@@ -310,7 +316,10 @@ mod emulator {
         let open = head.find('(').ok_or("kernel without a parameter list")?;
         let name = head[..open].trim().to_string();
         if name.is_empty() || !name.chars().all(is_ident_char) {
-            return Err(format!("cannot read the kernel name in `{}`", &head[..open]));
+            return Err(format!(
+                "cannot read the kernel name in `{}`",
+                &head[..open]
+            ));
         }
         let close = head[open..]
             .find(')')
@@ -326,9 +335,7 @@ mod emulator {
                  struct, as the launch code passes"
             ));
         }
-        let param_name_start = list
-            .rfind(|c: char| !is_ident_char(c))
-            .map_or(0, |i| i + 1);
+        let param_name_start = list.rfind(|c: char| !is_ident_char(c)).map_or(0, |i| i + 1);
         let ty = list[..param_name_start].trim();
         let ty = if ty.is_empty() { list } else { ty };
         Ok(Kernel {

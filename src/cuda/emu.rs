@@ -4,8 +4,8 @@
 //! and links them with the execution model in `emu/runtime.cpp`: every CUDA thread of a block
 //! is a fiber, `__syncthreads()` and warp operations are real barriers with deadlock
 //! detection, and shared memory is poisoned before each block. This module adds the memory
-//! side: buffers are host allocations with a guard region (0xFF bytes, NaN in every float
-//! dtype) on each side, checked after every launch, so a kernel that writes out of bounds fails
+//! side: buffers are host allocations with a guard region (a pattern that is NaN in every
+//! float dtype) on each side, checked after every launch, so a kernel that writes out of bounds fails
 //! with the kernel and buffer named instead of corrupting a neighbour silently.
 //!
 //! `emu/README.md` lists what the model honours and where it differs from a GPU.
@@ -28,8 +28,15 @@ const GUARD_BYTES: usize = 4096;
 /// Alignment of every allocation (and so of every buffer's data).
 const ALIGN: usize = 256;
 
-/// Byte the guards are filled with: NaN as f32, f16 and bf16, -1 as an integer label.
-const GUARD_FILL: u8 = 0xFF;
+/// Returns the 16-bit pattern (little-endian bytes) that fills the guards of allocation `id`:
+/// `0xFF80 | k` with `k` in 1..=127 is NaN as bf16 and f16, a pair of them is NaN as f32, and
+/// as an integer label it is negative. The pattern differs between neighbouring allocations,
+/// so a kernel that copies one buffer's guard into another's (an off-by-one in a copy) still
+/// changes the second guard.
+fn guard_pattern(id: u64) -> [u8; 2] {
+    let low = 0x80 | (1 + (id % 127) as u8);
+    [low, 0xFF]
+}
 
 /// Time limit of one launch unless [`EmuRuntime::with_timeout`] sets another. Generous because
 /// CI machines may run several test binaries on two cores; the emulated test launches take
@@ -66,6 +73,8 @@ struct Allocation {
     /// Element type name and count, for messages.
     element: &'static str,
     len: usize,
+    /// Guard fill, see [`guard_pattern`].
+    pattern: [u8; 2],
 }
 
 // SAFETY: the allocation is plain memory owned by this struct. The host reaches it only
@@ -91,14 +100,24 @@ impl Allocation {
             id,
             element,
             len,
+            pattern: guard_pattern(id),
         };
-        // SAFETY: the whole `layout.size()` bytes from `base` belong to this allocation.
-        unsafe {
-            std::ptr::write_bytes(base.as_ptr(), GUARD_FILL, GUARD_BYTES);
-            std::ptr::write_bytes(allocation.data(), 0, data_bytes);
-            std::ptr::write_bytes(allocation.data().add(data_bytes), GUARD_FILL, GUARD_BYTES);
-        }
+        // SAFETY: the data bytes lie inside the allocation.
+        unsafe { std::ptr::write_bytes(allocation.data(), 0, data_bytes) };
+        allocation.fill_guards();
         Ok(allocation)
+    }
+
+    /// Fills both guards with the allocation's pattern. Only called while no kernel runs.
+    fn fill_guards(&self) {
+        // SAFETY: both guards lie inside the allocation, and `guards_mut` is not aliased
+        // (no kernel runs and no other `&[u8]` of the guards is alive).
+        let (before, after) = unsafe { self.guards_mut() };
+        for guard in [before, after] {
+            for (i, byte) in guard.iter_mut().enumerate() {
+                *byte = self.pattern[i % 2];
+            }
+        }
     }
 
     fn data(&self) -> *mut u8 {
@@ -107,13 +126,18 @@ impl Allocation {
     }
 
     /// Returns the guard bytes before and after the data.
-    fn guards(&self) -> (&[u8], &[u8]) {
-        // SAFETY: both ranges lie inside the allocation; kernels are not running (launches
-        // hold the runtime's lock while checking).
+    ///
+    /// # Safety
+    ///
+    /// No kernel may run and no other reference to the guards may be alive.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn guards_mut(&self) -> (&mut [u8], &mut [u8]) {
+        // SAFETY: both ranges lie inside the allocation and do not overlap; the caller
+        // excludes other access.
         unsafe {
             (
-                std::slice::from_raw_parts(self.base.as_ptr(), GUARD_BYTES),
-                std::slice::from_raw_parts(self.data().add(self.data_bytes), GUARD_BYTES),
+                std::slice::from_raw_parts_mut(self.base.as_ptr(), GUARD_BYTES),
+                std::slice::from_raw_parts_mut(self.data().add(self.data_bytes), GUARD_BYTES),
             )
         }
     }
@@ -121,10 +145,14 @@ impl Allocation {
     /// Returns a description of the first overwritten guard byte range, restoring the
     /// guards, or `None` when both are intact.
     fn check_guards(&self) -> Option<String> {
-        let (before, after) = self.guards();
+        // SAFETY: launches hold the runtime's launch lock while checking, so no kernel runs,
+        // and the slices die before `fill_guards`.
+        let (before, after) = unsafe { self.guards_mut() };
+        let pattern = self.pattern;
         let changed = |guard: &[u8]| -> Option<(usize, usize)> {
-            let first = guard.iter().position(|&b| b != GUARD_FILL)?;
-            let last = guard.iter().rposition(|&b| b != GUARD_FILL)?;
+            let intact = |(i, &b): (usize, &u8)| b == pattern[i % 2];
+            let first = guard.iter().enumerate().position(|e| !intact(e))?;
+            let last = guard.iter().enumerate().rposition(|e| !intact(e))?;
             Some((first, last))
         };
         let report = match (changed(before), changed(after)) {
@@ -138,11 +166,7 @@ impl Allocation {
                 format!("bytes {}..{} after its end", first, last + 1)
             }
         };
-        // SAFETY: same ranges as `guards`, written while no kernel runs.
-        unsafe {
-            std::ptr::write_bytes(self.base.as_ptr(), GUARD_FILL, GUARD_BYTES);
-            std::ptr::write_bytes(self.data().add(self.data_bytes), GUARD_FILL, GUARD_BYTES);
-        }
+        self.fill_guards();
         Some(report)
     }
 }
@@ -167,6 +191,18 @@ pub struct EmuBuffer<T> {
     allocation: Arc<Allocation>,
     len: usize,
     _element: PhantomData<T>,
+}
+
+impl<T> EmuBuffer<T> {
+    /// Returns the number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Returns whether the buffer has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// The emulated device: buffer allocation, copies and kernel launches on the CPU.
@@ -242,7 +278,9 @@ impl EmuRuntime {
         let bytes: &[u8] = bytemuck::cast_slice(src);
         // SAFETY: `dst` holds at least `src.len()` elements (checked), and `&mut` excludes any
         // other access to it.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.allocation.data(), bytes.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.allocation.data(), bytes.len())
+        };
         Ok(())
     }
 
@@ -321,7 +359,10 @@ impl EmuRuntime {
         };
         let mut problems = Vec::new();
         if status != 0 {
-            let end = message.iter().position(|&b| b == 0).unwrap_or(message.len());
+            let end = message
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(message.len());
             problems.push(String::from_utf8_lossy(&message[..end]).into_owned());
         }
         problems.extend(self.check_guards(&format!("{params:?}")));
@@ -431,7 +472,10 @@ mod tests {
     fn field_holding_reads_decimal_and_hex() {
         let debug = "Params { logits: 1234, out: 0x4d2, n: 7 }";
         assert_eq!(field_holding(debug, 1234).as_deref(), Some("logits"));
-        assert_eq!(field_holding("P { a: 1, out: 0x4d3 }", 0x4d3).as_deref(), Some("out"));
+        assert_eq!(
+            field_holding("P { a: 1, out: 0x4d3 }", 0x4d3).as_deref(),
+            Some("out")
+        );
         assert_eq!(field_holding(debug, 99), None);
     }
 }
