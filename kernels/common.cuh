@@ -120,6 +120,11 @@ struct TokenLogpsBwdParams {
     int32_t warp_per_row;    // 1: one warp per row; 0: one block per row
 };
 
+// The Rust mirrors in src/cuda/params.rs assert the same sizes.
+static_assert(sizeof(TokenLogpsFwdParams) == 104, "TokenLogpsFwdParams has no padding");
+static_assert(sizeof(DpoPairsParams) == 112, "DpoPairsParams has no padding");
+static_assert(sizeof(TokenLogpsBwdParams) == 96, "TokenLogpsBwdParams has no padding");
+
 /// Returns +inf. NVRTC defines neither INFINITY nor a builtin for it, so the bits go through a
 /// union, which both CUDA C++ and GCC define for type punning.
 __device__ __forceinline__ float positive_inf()
