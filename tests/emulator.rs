@@ -8,5 +8,11 @@
 
 #[path = "emulator/builtins.rs"]
 mod builtins;
+#[path = "emulator/check.rs"]
+mod check;
 #[path = "emulator/harness.rs"]
 mod harness;
+#[path = "emulator/kernels.rs"]
+mod kernels;
+#[path = "emulator/reference.rs"]
+mod reference;
