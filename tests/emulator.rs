@@ -8,6 +8,8 @@
 
 #[path = "emulator/builtins.rs"]
 mod builtins;
+#[path = "emulator/cases.rs"]
+mod cases;
 #[path = "emulator/check.rs"]
 mod check;
 #[path = "emulator/harness.rs"]

@@ -85,6 +85,9 @@ impl SavedSlot for emu::EmuRuntime {
 }
 
 /// The runtime behind a [`Cuda`] backend.
+// A backend holds one `Inner` for its lifetime, so the variants' size difference costs
+// nothing, while boxing the driver would add an indirection to every launch.
+#[allow(clippy::large_enum_variant)]
 enum Inner {
     /// A GPU through the CUDA driver.
     Driver(Launcher<DriverRuntime>),
