@@ -88,12 +88,17 @@ fn assert_close(name: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     let mut worst = (0usize, 0.0f32);
     let mut bad = 0usize;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs();
+        // A NaN error counts as infinitely large.
+        let err = if g.is_nan() {
+            f32::INFINITY
+        } else {
+            (g - w).abs()
+        };
         let tol = atol + rtol * w.abs();
-        if !(err <= tol) {
+        if err > tol {
             bad += 1;
         }
-        if !(err <= worst.1) {
+        if err > worst.1 {
             worst = (i, err);
         }
     }
@@ -112,9 +117,27 @@ fn compare_backends<T: Element>(cuda: &Cuda, shape: BatchShape, config: DpoConfi
     let want = Cpu.forward(&batch, &config).unwrap();
     let got = cuda.forward(&batch, &config).unwrap();
     let label = format!("{:?} {shape:?}", T::DTYPE);
-    assert_close(&format!("loss {label}"), &[got.loss], &[want.loss], 1e-5, 1e-4);
-    assert_close(&format!("losses {label}"), &got.losses, &want.losses, 1e-5, 1e-4);
-    assert_close(&format!("chosen {label}"), &got.chosen_logps, &want.chosen_logps, 1e-3, 1e-5);
+    assert_close(
+        &format!("loss {label}"),
+        &[got.loss],
+        &[want.loss],
+        1e-5,
+        1e-4,
+    );
+    assert_close(
+        &format!("losses {label}"),
+        &got.losses,
+        &want.losses,
+        1e-5,
+        1e-4,
+    );
+    assert_close(
+        &format!("chosen {label}"),
+        &got.chosen_logps,
+        &want.chosen_logps,
+        1e-3,
+        1e-5,
+    );
     assert_close(
         &format!("rejected {label}"),
         &got.rejected_logps,
@@ -122,26 +145,51 @@ fn compare_backends<T: Element>(cuda: &Cuda, shape: BatchShape, config: DpoConfi
         1e-3,
         1e-5,
     );
-    assert_eq!(got.metrics.rewards_accuracy, want.metrics.rewards_accuracy, "{label}");
+    assert_eq!(
+        got.metrics.rewards_accuracy, want.metrics.rewards_accuracy,
+        "{label}"
+    );
 
     // Gradient in the logits dtype and in f32, then in place.
     let mut grad_cpu = vec![T::default(); shape.logits_len()];
-    Cpu.backward(&batch, &want.state, 0.5, &mut grad_cpu).unwrap();
+    Cpu.backward(&batch, &want.state, 0.5, &mut grad_cpu)
+        .unwrap();
     let mut grad_gpu = vec![T::default(); shape.logits_len()];
-    cuda.backward(&batch, &got.state, 0.5, &mut grad_gpu).unwrap();
+    cuda.backward(&batch, &got.state, 0.5, &mut grad_gpu)
+        .unwrap();
     let to_f32 = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-    assert_close(&format!("grad {label}"), &to_f32(&grad_gpu), &to_f32(&grad_cpu), 1e-6, rtol);
+    assert_close(
+        &format!("grad {label}"),
+        &to_f32(&grad_gpu),
+        &to_f32(&grad_cpu),
+        1e-6,
+        rtol,
+    );
 
     let mut grad_f32 = vec![0.0f32; shape.logits_len()];
-    cuda.backward(&batch, &got.state, 0.5, &mut grad_f32).unwrap();
+    cuda.backward(&batch, &got.state, 0.5, &mut grad_f32)
+        .unwrap();
     let mut grad_cpu_f32 = vec![0.0f32; shape.logits_len()];
-    Cpu.backward(&batch, &want.state, 0.5, &mut grad_cpu_f32).unwrap();
-    assert_close(&format!("grad f32 {label}"), &grad_f32, &grad_cpu_f32, 1e-6, 1e-4);
+    Cpu.backward(&batch, &want.state, 0.5, &mut grad_cpu_f32)
+        .unwrap();
+    assert_close(
+        &format!("grad f32 {label}"),
+        &grad_f32,
+        &grad_cpu_f32,
+        1e-6,
+        1e-4,
+    );
 
     let mut in_place = logits.clone();
     cuda.backward_in_place(shape, &mut in_place, &labels, &got.state, 0.5)
         .unwrap();
-    assert_close(&format!("in place {label}"), &to_f32(&in_place), &to_f32(&grad_cpu), 1e-6, rtol);
+    assert_close(
+        &format!("in place {label}"),
+        &to_f32(&in_place),
+        &to_f32(&grad_cpu),
+        1e-6,
+        rtol,
+    );
 }
 
 #[test]
@@ -149,13 +197,33 @@ fn cuda_matches_cpu_on_odd_shapes() {
     let Some(cuda) = open_gpu() else { return };
     let shapes = [
         // Warp per row, V not a multiple of any pack, misaligned row stride.
-        BatchShape { pairs: 3, seq_len: 47, vocab: 123, row_stride: 131 },
+        BatchShape {
+            pairs: 3,
+            seq_len: 47,
+            vocab: 123,
+            row_stride: 131,
+        },
         // Block per row just past the warp limit, odd stride.
-        BatchShape { pairs: 1, seq_len: 5, vocab: 1025, row_stride: 1027 },
+        BatchShape {
+            pairs: 1,
+            seq_len: 5,
+            vocab: 1025,
+            row_stride: 1027,
+        },
         // Block of 512 threads.
-        BatchShape { pairs: 2, seq_len: 3, vocab: 32003, row_stride: 32008 },
+        BatchShape {
+            pairs: 2,
+            seq_len: 3,
+            vocab: 32003,
+            row_stride: 32008,
+        },
         // A single position per sequence.
-        BatchShape { pairs: 1, seq_len: 1, vocab: 7, row_stride: 7 },
+        BatchShape {
+            pairs: 1,
+            seq_len: 1,
+            vocab: 7,
+            row_stride: 7,
+        },
     ];
     for shape in shapes {
         let config = DpoConfig::new(0.1);
@@ -168,16 +236,29 @@ fn cuda_matches_cpu_on_odd_shapes() {
 #[test]
 fn cuda_matches_cpu_for_every_loss() {
     let Some(cuda) = open_gpu() else { return };
-    let shape = BatchShape { pairs: 4, seq_len: 9, vocab: 50, row_stride: 52 };
+    let shape = BatchShape {
+        pairs: 4,
+        seq_len: 9,
+        vocab: 50,
+        row_stride: 52,
+    };
     let losses = [
-        LossKind::Sigmoid { label_smoothing: 0.1 },
-        LossKind::Robust { label_smoothing: 0.2 },
+        LossKind::Sigmoid {
+            label_smoothing: 0.1,
+        },
+        LossKind::Robust {
+            label_smoothing: 0.2,
+        },
         LossKind::Ipo,
         LossKind::Hinge,
     ];
     for loss in losses {
         for length_normalize in [false, true] {
-            let config = DpoConfig { loss, length_normalize, ..DpoConfig::new(0.5) };
+            let config = DpoConfig {
+                loss,
+                length_normalize,
+                ..DpoConfig::new(0.5)
+            };
             compare_backends::<f32>(&cuda, shape, config, 1e-4);
         }
     }
@@ -186,7 +267,12 @@ fn cuda_matches_cpu_for_every_loss() {
 #[test]
 fn cuda_reports_the_first_faulty_position() {
     let Some(cuda) = open_gpu() else { return };
-    let shape = BatchShape { pairs: 1, seq_len: 4, vocab: 300, row_stride: 300 };
+    let shape = BatchShape {
+        pairs: 1,
+        seq_len: 4,
+        vocab: 300,
+        row_stride: 300,
+    };
     let (mut logits, labels, _) = make_batch(shape, 1000);
     logits[5 * 300 + 17] = f32::NAN;
     logits[6 * 300 + 3] = f32::INFINITY;
@@ -200,11 +286,18 @@ fn cuda_reports_the_first_faulty_position() {
 #[test]
 fn cuda_state_is_rejected_by_cpu_backward() {
     let Some(cuda) = open_gpu() else { return };
-    let shape = BatchShape { pairs: 1, seq_len: 2, vocab: 8, row_stride: 8 };
+    let shape = BatchShape {
+        pairs: 1,
+        seq_len: 2,
+        vocab: 8,
+        row_stride: 8,
+    };
     let (logits, labels, _) = make_batch(shape, 3);
     let batch = Batch::new(shape, &logits, &labels, None);
     let out = cuda.forward(&batch, &DpoConfig::new(0.1)).unwrap();
     let mut grad = vec![0.0f32; shape.logits_len()];
-    let err = Cpu.backward(&batch, &out.state, 1.0, &mut grad).unwrap_err();
+    let err = Cpu
+        .backward(&batch, &out.state, 1.0, &mut grad)
+        .unwrap_err();
     assert!(matches!(err, Error::StateMismatch { .. }), "{err}");
 }

@@ -36,9 +36,18 @@ fn kernels_compile_for_sm80_without_spills() {
     assert_eq!(found, expected);
     for report in &reports {
         assert_eq!(report.arch, "sm_80", "{}", report.entry);
-        assert!(report.registers > 0, "{} reports no registers", report.entry);
+        assert!(
+            report.registers > 0,
+            "{} reports no registers",
+            report.entry
+        );
         assert_eq!(report.spill_store_bytes, 0, "{}", report.entry);
         // The reductions use at most a few KiB of static shared memory.
-        assert!(report.shared_bytes <= 4096, "{}: {} bytes", report.entry, report.shared_bytes);
+        assert!(
+            report.shared_bytes <= 4096,
+            "{}: {} bytes",
+            report.entry,
+            report.shared_bytes
+        );
     }
 }

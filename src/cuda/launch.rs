@@ -340,6 +340,7 @@ impl<R: KernelRuntime> Launcher<R> {
     }
 
     /// Uploads a host batch and writes `grad_loss * d loss / d logits` into `grad`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward_host<T: Element, L: Label, G: Element>(
         &self,
         shape: &BatchShape,
