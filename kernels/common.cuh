@@ -211,7 +211,7 @@ template <typename T> __device__ __forceinline__ int64_t head_before_pack(const 
 
 /// Visits columns `[0, n)` of one row, split among the `team` threads of a row (this thread is
 /// `lane`): scalar columns `[0, head)`, packs of `kWidth` columns from `head` while whole packs
-/// fit, and scalar columns for the tail. Each thread sees its columns in increasing order.
+/// fit, and scalar columns for the tail. Each thread visits its columns in increasing order.
 /// scalar(col) and pack(col) are called with the column index (int64).
 template <int kWidth, typename ScalarFn, typename PackFn>
 __device__ __forceinline__ void for_each_column(int64_t n, int64_t head, int lane, int team,
@@ -328,8 +328,8 @@ __device__ __forceinline__ Acc warp_reduce(Acc a, MergeFn merge)
 template <typename Acc, typename MergeFn>
 __device__ __forceinline__ Acc block_reduce(Acc a, MergeFn merge)
 {
-    // Slots 0..31 take one partial per warp; slot 32 carries the result, so a second call
-    // can start writing slots 0..31 while slower threads still read slot 32.
+    // Slots 0..31 take one partial per warp and slot 32 carries the result. A second call
+    // can then write slots 0..31 while slower threads still read slot 32.
     __shared__ Acc slots[33];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -342,9 +342,10 @@ __device__ __forceinline__ Acc block_reduce(Acc a, MergeFn merge)
     }
     __syncthreads();
 
-    // 2. The first warp merges the per-warp partials. Lane 0 ends with all of them: at mask
-    //    m it merges lane m, which then holds slots m, m + 2m, ... below `warps`. Partners at
-    //    or past `warps` hold no slot lane 0 needs, so they are skipped (no identity needed).
+    // 2. The first warp merges the per-warp partials, and lane 0 ends with all of them. At
+    //    mask m it merges lane m, which by then carries slots m + 2km (k >= 0) below `warps`.
+    //    Partners at or past `warps` carry no slot that lane 0 needs, so they are skipped and
+    //    no identity value is required.
     if (warp == 0) {
         Acc partial = slots[lane < warps ? lane : 0];
 #pragma unroll

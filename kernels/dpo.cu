@@ -1,6 +1,6 @@
 // The DPO pair step on the GPU: per-sequence masked sums of the token log-probs, the loss of
 // each chosen/rejected pair, rewards, batch metrics and the per-sequence gradient coefficient
-// c[r], which stays on the device for token_logps_bwd (no host round trip in between).
+// c[r]. c[r] stays on the device for token_logps_bwd, so no host round trip sits in between.
 //
 // Rows 0..B of the batch are the chosen responses and rows B..2B the rejected responses of the
 // same pairs, so pair i is sequences i and B + i.
@@ -23,9 +23,9 @@
 //             length-normalised and n[r] > 0, else 1), for an upstream gradient of 1
 //   rewards, accuracy (chosen reward strictly greater), margins, mean log-probs and mean
 //   logits per half, as in src/cpu/dpo.rs.
-// Shapes: target_logp, logit_sum [P] f32, status [P] i32, fault_info [P] i64 (read, from
-//   token_logps_fwd); reference_logps [2B] f32 or null (read); seq_coef [2B] f32, seq_valid
-//   [2B] i32, pair_out [6B + METRIC_COUNT] f32, fault_report [3] i64 (written).
+// Shapes: read from token_logps_fwd: target_logp, logit_sum [P] f32, status [P] i32 and
+//   fault_info [P] i64. Read: reference_logps [2B] f32 or null. Written: seq_coef [2B] f32,
+//   seq_valid [2B] i32, pair_out [6B + METRIC_COUNT] f32 and fault_report [3] i64.
 // Strides: position (r, t) is element r * T + t; all buffers contiguous.
 // Grid: one block of 512 threads. Step 1 gives each warp whole sequences (lanes stride over
 //   T), step 3 gives each thread whole pairs. The work is O(P) reads of 12 bytes, tiny next
@@ -108,7 +108,7 @@ __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b 
 /// log(1 + exp(x)) without overflow for any x.
 __device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
 
-/// 1 / (1 + exp(-x)) without overflow: exp only ever sees a non-positive argument.
+/// 1 / (1 + exp(-x)) without overflow, because exp only gets a non-positive argument.
 __device__ __forceinline__ float sigmoid(float x)
 {
     if (x >= 0.0f) {

@@ -1,7 +1,7 @@
 // Token log-probs of the policy: the one pass over the logits that the DPO forward needs, and
-// the matching backward that writes d loss / d logits. Both read each valid logits row once;
-// the forward keeps O(P) per-row state (max, log-sum, status) so the backward needs no second
-// reduction, and nothing of size P x V is ever allocated.
+// the matching backward that writes d loss / d logits. Both read each valid logits row once.
+// The forward keeps O(P) per-row state (max, log-sum, status), so the backward needs no
+// second reduction. Nothing of size P x V is allocated besides the caller's buffers.
 
 #include "common.cuh"
 
@@ -13,9 +13,9 @@
 //   log_sum[p]  = log(sum_{v<V} exp(x[p, v] - m[p]))
 //   logp[p]     = (x[p, y] - m[p]) - log_sum[p]
 //   logit_sum[p] = sum_{v<V} x[p, v]
-// Shapes: P = 2B * T positions, V vocabulary, W >= V row stride. logits [P, W] T (read),
-//   labels [P] L (read); row_max, row_log_sum, target_logp, logit_sum [P] f32, fault_info [P]
-//   i64 and status [P] i32 (written, masked positions included).
+// Shapes: P = 2B * T positions, V vocabulary, W >= V row stride. Read: logits [P, W] T and
+//   labels [P] L. Written for every position, masked ones included: row_max, row_log_sum,
+//   target_logp, logit_sum [P] f32, fault_info [P] i64 and status [P] i32.
 // Strides: row p starts at element p * W (int64); columns are contiguous. Rows need not be
 //   16-byte aligned: each row is split at its own first 16-byte boundary.
 // Grid: V > 1024: one block of 256 threads per row (512 when V > 16384), so a 128k row is
@@ -130,9 +130,9 @@ template <typename T, typename L> __device__ void token_logps_fwd(const TokenLog
 // Shapes: logits [P, W] T (read), labels [P] L (read), row_max and row_log_sum [P] f32 (read,
 //   from token_logps_fwd), seq_coef [2B] f32 (read, from dpo_pairs_fwd), grad [P, W] G
 //   (written, every element). grad may be the logits buffer itself when G == T.
-// Strides: row p of logits and grad starts at element p * W (int64). Packs are used when the
-//   grad row is aligned to min(16, 16 / sizeof(T) * sizeof(G)) bytes at the logits row's first
-//   16-byte boundary; otherwise the row is written element by element.
+// Strides: row p of logits and grad starts at element p * W (int64). Packs start at the
+//   logits row's first 16-byte boundary. They are used when the grad row is aligned there to
+//   min(16, 16 / sizeof(T) * sizeof(G)) bytes, else the row is written element by element.
 // Grid: same split as the forward (block per row for V > 1024, warp per row otherwise); no
 //   reduction, so threads of a row are independent.
 // Traffic: reads V * sizeof(T) per valid row, 8 bytes of row state per position, labels;
@@ -178,8 +178,8 @@ __device__ __forceinline__ void token_logps_bwd_row(const TokenLogpsBwdParams& p
     const float log_sum = p.row_log_sum[pos];
     const float coef = p.grad_loss * p.seq_coef[pos / p.seq_len];
 
-    // 3. Packs start at the logits row's 16-byte boundary; the grad row must be aligned there
-    //    for its (possibly narrower or wider) stores, else the whole row goes scalar.
+    // 3. Packs start at the logits row's 16-byte boundary. The grad row must be aligned there
+    //    for its stores (narrower or wider than the loads), else the whole row goes scalar.
     constexpr int kWidth = PackWidth<T>::value;
     constexpr uint64_t kGradAlign = (kWidth * sizeof(G) < 16) ? kWidth * sizeof(G) : 16;
     int64_t head = head_before_pack(row, p.vocab);

@@ -64,7 +64,10 @@ pub(crate) fn row_forward<T: Element>(row: &[T], target: usize) -> Result<RowSta
         // 1. NaN and +inf fail `x < inf`; find the column only on that rare path.
         let finite_or_neg_inf = xs.iter().fold(true, |ok, &x| ok & (x < f32::INFINITY));
         if !finite_or_neg_inf {
-            let col = xs.iter().position(|&x| !(x < f32::INFINITY)).unwrap_or(0);
+            let col = xs
+                .iter()
+                .position(|&x| x.is_nan() || x == f32::INFINITY)
+                .unwrap_or(0);
             let col_in_row = chunk_index * CHUNK + col;
             return Err(if xs[col].is_nan() {
                 RowFault::NaN(col_in_row)

@@ -139,9 +139,9 @@ pub fn run_check_kernels(args: &CheckKernelsArgs, out: &mut dyn Write) -> Result
 }
 
 /// Parses ptxas's `-v` output. Each entry section starts with
-/// `Compiling entry function 'NAME' for 'sm_XY'`; within it, `Function properties for F`
-/// lines give the stack and spills of F (the entry or a callee, whose spills are added to
-/// the entry) and `Used N registers, ... N bytes smem` gives the entry's totals.
+/// `Compiling entry function 'NAME' for 'sm_XY'`. Inside it, a `Function properties for F`
+/// line gives the stack and spills of F, the entry or a callee whose spills count for the
+/// entry, and `Used N registers, ... N bytes smem` gives the entry's totals.
 pub(crate) fn parse_ptxas_log(module: &'static str, arch: &str, log: &str) -> Vec<KernelReport> {
     let mut reports: Vec<KernelReport> = Vec::new();
     let mut properties_of_entry = false;

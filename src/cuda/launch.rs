@@ -2,7 +2,7 @@
 //! driver and the host-C++ emulator run the same argument structs, grids and copies.
 //!
 //! Forward: `token_logps_fwd` (one pass over the logits) then `dpo_pairs_fwd` (sequence sums,
-//! losses, metrics, `c[r]`), then one download of an 3-slot fault report and, when it is
+//! losses, metrics, `c[r]`), then one download of a 3-slot fault report and, when it is
 //! clean, one download of the packed per-pair outputs. `c[r]` and the per-row state stay on
 //! the device in [`SavedBuffers`] for the backward, which multiplies by `grad_loss` in the
 //! kernel, so no host round trip sits between the two passes.
@@ -43,7 +43,7 @@ impl<R: KernelRuntime> std::fmt::Debug for SavedBuffers<R> {
     }
 }
 
-/// Device addresses of one batch's inputs, whoever owns the memory.
+/// Device addresses of one batch's inputs, in workspace buffers or in the caller's memory.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BatchAddresses {
     /// Logits `[2B, T, W]` of `logits_dtype`.
@@ -134,7 +134,7 @@ impl<R: KernelRuntime> Workspace<R> {
     }
 }
 
-/// Returns `slot`'s buffer, reallocated when it holds fewer than `len` elements.
+/// Returns `slot`'s buffer, reallocated when it has fewer than `len` elements.
 fn ensure<'a, R: KernelRuntime, T: DeviceElement>(
     runtime: &R,
     slot: &'a mut Option<R::Buffer<T>>,
@@ -294,10 +294,10 @@ impl<R: KernelRuntime> Launcher<R> {
             reserved: 0,
         };
         let entry = params::token_logps_fwd_entry(inputs.logits_dtype, inputs.label_name);
-        // SAFETY: `fwd` is TokenLogpsFwdParams of common.cuh. The caller guarantees the
-        // logits and labels cover P = 2B*T rows of W elements; every output buffer above holds
-        // at least P elements; the kernel visits rows p < P and columns c < W only and gathers
-        // x[p, y] only for 0 <= y < V. It writes the six [P] outputs.
+        // SAFETY: `fwd` is TokenLogpsFwdParams of common.cuh. The caller guarantees that the
+        // logits and labels cover P = 2B*T rows of W elements, and every output buffer above
+        // has at least P elements. The kernel visits rows p < P and columns c < W only, and
+        // gathers x[p, y] only for 0 <= y < V. It writes the six [P] outputs.
         unsafe { rt.launch(TOKEN_LOGPS.name, &entry, split.dims, &fwd) }?;
 
         // 3. Sequence sums, pair losses, metrics and c[r].
@@ -319,10 +319,10 @@ impl<R: KernelRuntime> Launcher<R> {
             loss_kind: config.loss.kernel_code(),
             length_normalize: i32::from(config.length_normalize),
         };
-        // SAFETY: `pairs` is DpoPairsParams of common.cuh. It reads the four [P] buffers the
-        // previous launch wrote (same stream, so ordered) and the [2B] reference when
-        // non-null; it writes seq_coef and seq_valid [2B], pair_out [6B + 9] and the
-        // 3-slot fault report, all allocated above with at least those lengths.
+        // SAFETY: `pairs` is DpoPairsParams of common.cuh. It reads the four [P] buffers that
+        // the previous launch wrote (same stream, so in order) and the [2B] reference when
+        // non-null. It writes seq_coef and seq_valid [2B], pair_out [6B + 9] and the 3-slot
+        // fault report, all allocated above with at least those lengths.
         unsafe { rt.launch(DPO.name, "dpo_pairs_fwd", params::dpo_pairs_dims(), &pairs) }?;
 
         // 4. A faulty position fails the call before any output is built.
@@ -340,6 +340,7 @@ impl<R: KernelRuntime> Launcher<R> {
     }
 
     /// Uploads a host batch and writes `grad_loss * d loss / d logits` into `grad`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward_host<T: Element, L: Label, G: Element>(
         &self,
         shape: &BatchShape,
@@ -412,9 +413,10 @@ impl<R: KernelRuntime> Launcher<R> {
     ///
     /// # Safety
     ///
-    /// `logits` and `grad` must address `2B * T * W` elements of the dtypes named by `entry`
-    /// (the same buffer only when those dtypes are equal), `labels` `2B * T` labels, all
-    /// aligned to their element size; `saved` must come from a forward of this shape.
+    /// `logits` and `grad` must address `2B * T * W` elements of the dtypes named by `entry`,
+    /// and may be the same buffer only when those dtypes are equal. `labels` must address
+    /// `2B * T` labels. All must be aligned to their element size, and `saved` must come from
+    /// a forward of this shape.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch_backward(
         &self,

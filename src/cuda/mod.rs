@@ -6,7 +6,7 @@
 //! selected with [`Cuda::emulated`].
 //!
 //! NOTE: the GPU paths of this module compile and their input checks are tested without a
-//! GPU, but they have not yet run on one; `scripts/gpu-check.sh` holds the GPU checks.
+//! GPU, but they have not yet run on one. `scripts/gpu-check.sh` runs the GPU checks.
 
 pub mod check;
 mod driver;
@@ -109,8 +109,8 @@ macro_rules! with_launcher {
 
 /// The CUDA backend on one device.
 ///
-/// Host slices passed to [`Backend`] methods are copied into device buffers that are
-/// allocated once per shape and reused; trainers whose logits are already on the GPU use
+/// Host slices passed to [`Backend`] methods are copied into device buffers that grow to the
+/// largest batch seen and are reused. Trainers whose logits are already on the GPU call
 /// [`Cuda::forward_device`] and [`Cuda::backward_device`] instead, which copy nothing large.
 pub struct Cuda {
     name: String,
@@ -211,8 +211,8 @@ impl Cuda {
             logits_dtype: T::DTYPE,
             label_name: L::NAME,
         };
-        // SAFETY: `check` verified that each slice belongs to this context and holds exactly
-        // the elements the shape needs; CudaSlice allocations are aligned to 256 bytes.
+        // SAFETY: `check` verified that each slice belongs to this context and has exactly
+        // the length the shape needs. CudaSlice allocations are aligned to 256 bytes.
         let result = unsafe { launcher.forward_device(&shape, config, inputs) }?;
         Ok(result.into_output(shape, *config, |saved| {
             Saved::Cuda(DriverRuntime::wrap(saved))
@@ -240,10 +240,10 @@ impl Cuda {
         let (labels, _labels_guard) = batch.labels.device_ptr(stream);
         let (grad_address, _grad_guard) = grad.device_ptr_mut(stream);
         let entry = params::token_logps_bwd_entry(T::DTYPE, L::NAME, G::DTYPE);
-        // SAFETY: shapes and contexts checked above; `grad` is a separate allocation from
-        // the logits (Rust's borrow rules forbid `&mut` to the same slice), so the kernel
-        // never reads memory it has written. The guards live until after the launch is
-        // enqueued, so other streams wait for it before touching these buffers.
+        // SAFETY: shapes and contexts are checked above. `grad` is a separate allocation
+        // from the logits, because Rust forbids a `&mut` and a `&` to the same slice, so the
+        // kernel never reads memory it has written. The guards live until the launch is
+        // enqueued, so other streams wait for it before they touch these buffers.
         unsafe {
             launcher.launch_backward(
                 &shape,
@@ -360,7 +360,7 @@ fn check_device_backward(shape: &BatchShape, state: &ForwardState, grad_loss: f3
     Ok(())
 }
 
-/// Returns the saved buffers of runtime `R` in `state`, if it holds any.
+/// Returns the saved buffers of runtime `R` in `state`, if there are any.
 fn saved_of<R: SavedSlot>(state: &ForwardState) -> Option<&SavedBuffers<R>> {
     match &state.saved {
         Saved::Cuda(saved) => R::unwrap(saved),
@@ -368,7 +368,8 @@ fn saved_of<R: SavedSlot>(state: &ForwardState) -> Option<&SavedBuffers<R>> {
     }
 }
 
-/// The saved buffers of `R` in `state`, or the error that says which backend ran the forward.
+/// Returns the saved buffers of `R` in `state`, or an error naming the backend that ran the
+/// forward.
 fn require_saved<'a, R: SavedSlot>(
     launcher: &Launcher<R>,
     state: &'a ForwardState,

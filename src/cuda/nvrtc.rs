@@ -71,9 +71,9 @@ fn nvrtc_failure(call: &str, err: result::NvrtcError) -> Error {
     }
 }
 
-/// Returns the include directories to use: `explicit` when non-empty, else the first of
-/// `$DPO_CUDA_INCLUDE` (each entry), `$CUDA_HOME/include`, `$CUDA_PATH/include`,
-/// `/usr/local/cuda/include` and the CI cache of `.ci/kernels` that holds `cuda_bf16.h`.
+/// Returns the include directories for NVRTC: `explicit` when non-empty, else the first
+/// directory with `cuda_bf16.h` among each entry of `$DPO_CUDA_INCLUDE`, `$CUDA_HOME/include`,
+/// `$CUDA_PATH/include`, `/usr/local/cuda/include` and the cache that `.ci/kernels` fills.
 pub fn resolve_include_dirs(explicit: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if !explicit.is_empty() {
         return Ok(explicit.to_vec());
@@ -106,7 +106,7 @@ pub fn resolve_include_dirs(explicit: &[PathBuf]) -> Result<Vec<PathBuf>> {
             reason: format!(
                 "cuda_bf16.h was not found in {candidates:?}; install the CUDA toolkit headers \
                  (or `pip install nvidia-cuda-runtime-cu12`) and set {INCLUDE_ENV} to the \
-                 directory that holds cuda_bf16.h"
+                 directory that contains cuda_bf16.h"
             ),
         }),
     }

@@ -124,8 +124,8 @@ pub(crate) struct TokenLogpsBwdParams {
     pub warp_per_row: i32,
 }
 
-// The C structs hold 8-byte fields first and end on an 8-byte boundary; these sizes are the
-// sums of their fields, so neither compiler inserts padding.
+// The C structs put 8-byte fields first and end on an 8-byte boundary. These sizes are the
+// sums of the field sizes, so neither compiler inserts padding.
 const _: () = assert!(std::mem::size_of::<TokenLogpsFwdParams>() == 12 * 8 + 2 * 4);
 const _: () = assert!(std::mem::size_of::<DpoPairsParams>() == 12 * 8 + 4 * 4);
 const _: () = assert!(std::mem::size_of::<TokenLogpsBwdParams>() == 11 * 8 + 2 * 4);
