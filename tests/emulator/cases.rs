@@ -199,7 +199,7 @@ fn run_case(backend: &impl Backend, case: &CaseFile, expected: &Value) -> Option
             .expect("grad")
             .iter()
             .flat_map(|row| row.as_array().expect("row").iter())
-            .flat_map(|pos| numbers(pos))
+            .flat_map(numbers)
             .collect();
         assert_close(&format!("{label}: grad"), &grad, &flat, |i| {
             grad_tol(i, flat[i])
