@@ -2,7 +2,7 @@
 //! `include_str!`), and compile-checks them with `nvcc` when one is on PATH. A machine
 //! without the CUDA toolkit builds the crate all the same. With the `emulator` feature it also
 //! compiles the kernel sources as host C++ under the CPU model of CUDA execution in `emu/`
-//! (see `emu/README.md`); that needs a C++17 compiler, the default build does not.
+//! (see `emu/README.md`). Only that feature needs a C++17 compiler.
 
 use std::path::Path;
 use std::process::Command;
@@ -202,9 +202,9 @@ mod emulator {
     }
 
     /// Compiler settings shared by preprocessing and compiling. `-O2` even in test builds,
-    /// since the kernels run thousands of threads per launch; strict aliasing off because
-    /// kernels reinterpret buffers as packs, which CUDA allows; no FMA contraction, so results
-    /// do not depend on the host CPU. `#pragma unroll` has no g++ meaning and is ignored.
+    /// since the kernels run thousands of threads per launch. Strict aliasing is off because
+    /// kernels reinterpret buffers as packs, which CUDA allows. FMA contraction is off, so
+    /// results do not depend on the host CPU. `#pragma unroll` has no g++ meaning and is ignored.
     fn base_build(emu_dir: &Path, kernels_dir: &Path) -> cc::Build {
         let mut build = cc::Build::new();
         build
@@ -296,12 +296,12 @@ mod emulator {
         c.is_ascii_alphanumeric() || c == '_'
     }
 
-    /// Whether `text[at]` starts an identifier (no identifier character right before it).
+    /// Returns whether `text[at]` starts an identifier (no identifier character before it).
     fn is_boundary(text: &str, at: usize) -> bool {
         !text[..at].ends_with(is_ident_char)
     }
 
-    /// Whether `before` (a prefix of `text` from `pos`) ends with a whole word.
+    /// Returns whether `before` (a prefix of `text` from `pos`) ends with a whole word.
     fn is_word_end(text: &str, pos: usize, before: &str) -> bool {
         let word_start = pos + before.len() - "extern".len();
         is_boundary(text, word_start)

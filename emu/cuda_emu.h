@@ -6,10 +6,11 @@
 // `__global__` expand to, and compiles the result. The header is therefore not meant to be
 // included by hand: shared-memory declarations only compile after that rewrite.
 //
-// What is provided: execution-space qualifiers, `dim3` and the vector types, `threadIdx`,
-// `blockIdx`, `blockDim`, `gridDim`, `warpSize`, `__syncthreads()`, `__syncwarp()`, the warp
-// shuffles and votes (full mask only), `__half` and `__nv_bfloat16` with round-to-nearest-even
-// conversions, bit casts, `min`/`max` overloads and the C library's float math. Atomics,
+// The header provides execution-space qualifiers, `dim3` and the vector types, the thread
+// coordinates (`threadIdx`, `blockIdx`, `blockDim`, `gridDim`, `warpSize`) and the barriers
+// `__syncthreads()` and `__syncwarp()`. It also provides the warp shuffles and votes (full mask
+// only), `__half` and `__nv_bfloat16` with round-to-nearest-even conversions, bit casts,
+// `min`/`max` overloads and the C library's float math. Atomics,
 // cooperative groups, textures and inline PTX are not provided, so a kernel using them fails
 // to compile here.
 
@@ -146,8 +147,8 @@ enum class WarpOp : int {
 void sync_threads(const char* file, int line);
 
 /// Blocks until every lane of the calling thread's warp reaches a warp operation with the same
-/// kind, mask and call site, then writes into `out` this lane's result: the `size` bytes that
-/// the source lane passed in `in` for shuffles, or a 4-byte vote result (0/1 or the ballot).
+/// kind, mask and call site, then writes this lane's result into `out`. A shuffle's result is
+/// the `size` bytes the source lane passed in `in`; a vote's is 4 bytes (0/1 or the ballot).
 /// `arg` is the shuffle's lane, delta or lane mask; `width` is its segment width.
 void warp_op(WarpOp op, unsigned int mask, const void* in, void* out, size_t size, int arg,
              int width, const char* file, int line);
@@ -204,7 +205,7 @@ struct KernelTable {
 
 #define __syncthreads() ::emu::sync_threads(__FILE__, __LINE__)
 // `__syncwarp()` and `__syncwarp(mask)`: the call site is captured first, then the optional
-// mask is passed to the call operator (the default argument stands in for CUDA's).
+// mask is passed to the call operator, whose default argument is CUDA's full mask.
 #define __syncwarp(...) ::emu::SyncWarpAt{__FILE__, __LINE__}(__VA_ARGS__)
 
 namespace emu {
@@ -305,7 +306,7 @@ inline float bits_float(uint32_t u)
 }
 
 /// Rounds an f32 to binary16, to nearest even, with overflow to infinity and gradual
-/// underflow. Every NaN becomes the canonical 0x7fff, as `__float2half_rn` returns on sm_80+.
+/// underflow. Every NaN becomes the quiet NaN 0x7fff (payloads are not kept).
 inline unsigned short float_to_half_bits(float f)
 {
     const uint32_t u = float_bits(f);
@@ -361,14 +362,14 @@ inline float half_bits_to_float(unsigned short h)
     return bits_float(sign | ((exponent + 112u) << 23) | (fraction << 13));
 }
 
-/// Rounds an f32 to bfloat16, to nearest even. Every NaN becomes the canonical 0x7fff.
+/// Rounds an f32 to bfloat16, to nearest even. Every NaN becomes the quiet NaN 0x7fff.
 inline unsigned short float_to_bfloat16_bits(float f)
 {
     const uint32_t u = float_bits(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) {
         return 0x7fffu;
     }
-    // Adding 0x7fff plus the lowest kept bit rounds to nearest even; a carry into the
+    // Adding 0x7fff plus the lowest kept bit rounds to nearest even. A carry into the
     // exponent is the correct rounding up to the next binade or to infinity.
     const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(rounded >> 16);

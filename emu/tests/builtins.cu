@@ -99,7 +99,7 @@ extern "C" __global__ void reverse_in_shared(ReverseParams p)
     __syncthreads();
     p.out[base + threadIdx.x] = tile[blockDim.x - 1 - threadIdx.x];
     if (threadIdx.x == 0 && blockDim.x % 4 == 0) {
-        // Every float4 read of the tile sees the values this block wrote.
+        // The float4 reads of the tile must return the values this block wrote.
         const float4* packs = reinterpret_cast<const float4*>(tile);
         float check = 0.0f;
         for (unsigned i = 0; i < blockDim.x / 4; ++i) {

@@ -1,12 +1,14 @@
 //! A [`KernelRuntime`] that runs the CUDA kernels on the CPU (feature `emulator`, tests only).
 //!
 //! `build.rs` compiles the unchanged sources in `kernels/` as host C++ against `emu/cuda_emu.h`
-//! and links them with the execution model in `emu/runtime.cpp`: every CUDA thread of a block
-//! is a fiber, `__syncthreads()` and warp operations are real barriers with deadlock
-//! detection, and shared memory is poisoned before each block. This module adds the memory
-//! side: buffers are host allocations with a guard region (a pattern that is NaN in every
-//! float dtype) on each side, checked after every launch, so a kernel that writes out of bounds fails
-//! with the kernel and buffer named instead of corrupting a neighbour silently.
+//! and links them with the execution model in `emu/runtime.cpp`. There every CUDA thread of a
+//! block is a fiber, `__syncthreads()` and warp operations are real barriers with deadlock
+//! detection, and shared memory is poisoned before each block.
+//!
+//! This module adds the memory side. Buffers are host allocations with a guard region on each
+//! side, filled with a pattern that is NaN in every float dtype and checked after every launch.
+//! A kernel that writes out of bounds then fails with the kernel and buffer named, instead of
+//! silently corrupting a neighbouring buffer.
 //!
 //! `emu/README.md` lists what the model honours and where it differs from a GPU.
 
@@ -276,7 +278,7 @@ impl EmuRuntime {
     ) -> Result<()> {
         check_copy_len(src.len(), dst.len)?;
         let bytes: &[u8] = bytemuck::cast_slice(src);
-        // SAFETY: `dst` holds at least `src.len()` elements (checked), and `&mut` excludes any
+        // SAFETY: `dst` has at least `src.len()` elements (checked), and `&mut` excludes any
         // other access to it.
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.allocation.data(), bytes.len())
@@ -292,7 +294,7 @@ impl EmuRuntime {
     ) -> Result<()> {
         check_copy_len(dst.len(), src.len)?;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
-        // SAFETY: `src` holds at least `dst.len()` elements (checked); launches are synchronous,
+        // SAFETY: `src` has at least `dst.len()` elements (checked). Launches are synchronous,
         // so no kernel writes it now.
         unsafe {
             std::ptr::copy_nonoverlapping(src.allocation.data(), bytes.as_mut_ptr(), bytes.len())
@@ -315,9 +317,9 @@ impl EmuRuntime {
     /// # Safety
     ///
     /// Every address in `params` must point into a live buffer of this runtime, large enough
-    /// for every index the kernel computes from `params` and the dimensions, except for the
-    /// out-of-bounds writes this call exists to catch, which must stay inside the guards
-    /// (4096 bytes on each side). Host references to buffers the kernel writes must not exist
+    /// for every index the kernel computes from `params` and the dimensions. The only
+    /// exception is the out-of-bounds writes this call exists to catch, and those must stay
+    /// inside the guards (4096 bytes on each side). Host references to buffers the kernel writes must not exist
     /// during the call.
     pub unsafe fn launch_params<P: bytemuck::Pod + Debug>(
         &self,
@@ -341,8 +343,9 @@ impl EmuRuntime {
         let mut message = vec![0u8; ERROR_CAPACITY];
 
         let _launch = self.launch_lock.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: every pointer argument is valid for the length passed with it; the caller
-        // guarantees that the addresses inside `params` are live buffers of this runtime.
+        // SAFETY: every pointer argument is valid for the length passed with it, and the
+        // caller guarantees that the addresses inside `params` are live buffers of this
+        // runtime.
         let status = unsafe {
             emu_launch(
                 c_module.as_ptr(),
@@ -373,9 +376,9 @@ impl EmuRuntime {
         }
     }
 
-    /// Checks and restores the guards of every live buffer; returns one line per violation,
-    /// naming the parameter field that holds the buffer's address where `params_debug` (the
-    /// parameter struct's `Debug` output) shows one.
+    /// Checks and restores the guards of every live buffer. Returns one line per violation,
+    /// with the name of the parameter field that contains the buffer's address when
+    /// `params_debug` (the parameter struct's `Debug` output) has one.
     fn check_guards(&self, params_debug: &str) -> Vec<String> {
         let registry = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
         let mut problems = Vec::new();

@@ -119,7 +119,7 @@ fn generate(case: &Case, seed: u64) -> (Vec<f32>, Vec<i64>, Vec<f32>) {
     (logits, labels, reference)
 }
 
-/// Errors of one backend's outputs against the reference, for the summary line.
+/// One backend's outputs flattened to f32, for the emulator-vs-CPU summary.
 #[derive(Default)]
 struct Outputs {
     forward: Vec<f32>,
@@ -217,7 +217,7 @@ fn run_backend<B: Backend, T: Element + GradTolerance, L: Label>(
         |half: usize| want.seq_scale[half * b..(half + 1) * b].iter().sum::<f64>() / b as f64;
     let metric_tol = |k: usize| match k {
         0 | 1 => reward_tol(want.metrics[k], half_scale(k)),
-        // A fraction of pairs, rounded to f32; the cases keep margins far from 0.
+        // A fraction of pairs, rounded to f32.
         2 => f32::EPSILON as f64,
         3 => reward_tol(want.metrics[k], half_scale(0) + half_scale(1)),
         4 | 5 => 1e-6 + 1e-5 * half_scale(k - 4),
