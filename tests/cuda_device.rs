@@ -301,3 +301,11 @@ fn cuda_state_is_rejected_by_cpu_backward() {
         .unwrap_err();
     assert!(matches!(err, Error::StateMismatch { .. }), "{err}");
 }
+
+#[test]
+fn cuda_backend_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Cuda>();
+    assert_send_sync::<DpoLoss>();
+    assert_send_sync::<dpo_kernels::ForwardState>();
+}
