@@ -163,6 +163,17 @@ pub enum Error {
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
 
+    /// The CPU emulator of the CUDA kernels (feature `emulator`) rejected a launch or caught a
+    /// fault in a kernel: a deadlock, a warp-operation misuse, a write outside a buffer.
+    #[cfg(feature = "emulator")]
+    #[error("emulated kernel {kernel} failed: {detail}")]
+    Emulator {
+        /// Kernel entry and source file, `name (file.cu)`; empty for allocation failures.
+        kernel: String,
+        /// What went wrong, with the block and threads involved.
+        detail: String,
+    },
+
     /// NVRTC failed to compile a kernel source.
     #[error("NVRTC failed to compile {module}: {log}")]
     Compile {

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::output::{DpoOutput, ForwardState, HostSaved, Saved};
 
 pub(crate) use dpo::{pair_step, SequenceSums};
+pub(crate) use token_logps::RowFault;
 use token_logps::{row_backward, row_backward_in_place, row_forward, RowStats};
 
 /// Rows handed to one rayon task at minimum; small vocabularies would otherwise spend more on

@@ -46,7 +46,8 @@ pub(crate) trait KernelRuntime {
     /// A device buffer of `T`.
     type Buffer<T: DeviceElement>;
 
-    /// Allocates `len` zeroed elements.
+    /// Allocates `len` zeroed elements (`len` may be 0), aligned to at least 16 bytes
+    /// whatever `T` is, because byte buffers carry f32 logits and i64 labels.
     fn alloc<T: DeviceElement>(&self, len: usize) -> Result<Self::Buffer<T>>;
 
     /// Copies `src` into the start of `dst` (`src.len() <= dst` length).
