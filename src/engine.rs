@@ -73,6 +73,17 @@ impl DpoLoss {
         })
     }
 
+    /// Checks the config and binds it to an already opened CUDA backend (for example one
+    /// sharing a trainer's context, or the emulator in tests).
+    pub fn with_cuda(config: DpoConfig, cuda: Cuda) -> Result<Self> {
+        config.validate()?;
+        Ok(DpoLoss {
+            config,
+            engine: Engine::Cuda(Box::new(cuda)),
+            fallback_reason: None,
+        })
+    }
+
     /// Returns the config.
     pub fn config(&self) -> &DpoConfig {
         &self.config

@@ -52,11 +52,20 @@ fn open_cuda(config: DpoConfig) -> dpo_kernels::Result<DpoLoss> {
     DpoLoss::new(config, Device::Cuda(0))
 }
 
+#[cfg(feature = "emulator")]
+fn open_cuda_emulator(config: DpoConfig) -> dpo_kernels::Result<DpoLoss> {
+    DpoLoss::with_cuda(config, dpo_kernels::Cuda::emulated()?)
+}
+
 /// Lists every backend the tests know, available or not. A new backend is one more entry here.
 fn known_backends() -> Vec<TestBackend> {
-    // NOTE: the CUDA emulator (feature `emulator`) belongs here, behind
-    // `#[cfg(feature = "emulator")]`, once the crate exposes a constructor for it.
     vec![
+        #[cfg(feature = "emulator")]
+        TestBackend {
+            name: "cuda-emulator",
+            needs_gpu: false,
+            open_with: open_cuda_emulator,
+        },
         TestBackend {
             name: "cpu",
             needs_gpu: false,
