@@ -26,6 +26,7 @@ fi
     nvidia-smi || true
     nvrtc=""
     for candidate in /usr/local/cuda/lib64/libnvrtc.so /usr/local/cuda/lib64/libnvrtc.so.* \
+        /usr/local/cuda/targets/x86_64-linux/lib/libnvrtc.so* \
         "$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' \
             2>/dev/null)"/nvidia/*/lib/libnvrtc.so*; do
         if [[ -f "$candidate" && "$candidate" != *builtins* && "$candidate" != *alt* ]]; then
@@ -86,5 +87,8 @@ if ! "$CARRY/bin/bench-dpo_cuda" --bench >"$OUT/bench.log" 2>&1; then
     failed=1
 fi
 grep -E "GB/s|skipped" "$OUT/bench.log"
+if grep -q "bench skipped" "$OUT/bench.log"; then
+    failed=1
+fi
 
 exit "$failed"

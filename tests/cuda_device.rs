@@ -28,7 +28,7 @@ fn open_gpu() -> Option<Cuda> {
 }
 
 #[test]
-fn cuda_new_without_gpu_is_no_device_or_opens() {
+fn cuda_new_opens_or_reports_no_device() {
     match Cuda::new(0) {
         Ok(cuda) => assert_eq!(cuda.name(), "cuda:0"),
         Err(Error::NoDevice { reason }) => {
