@@ -24,6 +24,9 @@ struct Cli {
 enum Command {
     /// Compute the DPO loss, metrics and gradient of a safetensors batch file.
     Loss(LossArgs),
+    /// Compile every CUDA kernel with NVRTC (no GPU needed) and print each entry's registers,
+    /// shared memory and spills; fails on a compile error or a spill.
+    CheckKernels(dpo_kernels::cuda::CheckKernelsArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -87,6 +90,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Loss(args) => run_loss(&args),
+        Command::CheckKernels(args) => {
+            dpo_kernels::cuda::check::run_check_kernels(&args, &mut std::io::stdout())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,9 +2,8 @@
 //! source to SASS for each requested architecture with `--ptxas-options=-v`, and reports each
 //! entry's registers, shared memory, stack and spills from ptxas's log.
 //!
-//! The CLI can expose it as `dpo-kernels check-kernels [--arch sm_80,sm_90] [--include DIR]`
-//! by flattening [`CheckKernelsArgs`] into a subcommand and calling [`run_check_kernels`];
-//! `examples/check_kernels.rs` and `.ci/kernels` do the same without the CLI.
+//! The command line runs it as `dpo-kernels check-kernels [--arch sm_80,sm_90] [--include DIR]`
+//! through [`run_check_kernels`], and `.ci/kernels` runs that command in CI.
 
 use std::io::Write;
 use std::path::PathBuf;
