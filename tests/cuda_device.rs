@@ -309,3 +309,93 @@ fn cuda_backend_is_send_and_sync() {
     assert_send_sync::<DpoLoss>();
     assert_send_sync::<dpo_kernels::ForwardState>();
 }
+
+/// f64 log-softmax of one row: `(log-prob of target, softmax)`.
+fn row_reference(row: &[f64], target: usize) -> (f64, Vec<f64>) {
+    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = row.iter().map(|&x| (x - max).exp()).sum();
+    let log_sum = sum.ln();
+    let softmax = row.iter().map(|&x| ((x - max) - log_sum).exp()).collect();
+    ((row[target] - max) - log_sum, softmax)
+}
+
+/// A Llama-3 sized vocabulary (V = 128256) with more than 2^31 logits elements in one buffer,
+/// so row offsets past the 32-bit boundary are used. Rows on both sides of that boundary and
+/// the last row are checked against an f64 reference; the loss against the CPU backend.
+#[test]
+fn cuda_handles_more_than_2_pow_31_logits() {
+    use rayon::prelude::*;
+
+    let Some(cuda) = open_gpu() else { return };
+    let vocab = 128_256usize;
+    let shape = BatchShape {
+        pairs: 1,
+        seq_len: 8_400,
+        vocab,
+        row_stride: vocab,
+    };
+    assert!(shape.logits_len() > 1 << 31);
+    let hash = |i: u64| {
+        let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let logits: Vec<bf16> = (0..shape.logits_len() as u64)
+        .into_par_iter()
+        .map(|i| bf16::from_f32((hash(i) % 12_000) as f32 / 1000.0 - 6.0))
+        .collect();
+    let labels: Vec<i64> = (0..shape.positions() as u64)
+        .map(|p| {
+            if p % shape.seq_len as u64 <= 100 {
+                -100
+            } else {
+                (hash(p ^ 0xabcdef) % vocab as u64) as i64
+            }
+        })
+        .collect();
+    let reference = [-90_000.0f32, -91_000.0];
+    let batch = Batch::new(shape, &logits, &labels, Some(&reference));
+    let config = DpoConfig::new(0.1);
+
+    let got = cuda.forward(&batch, &config).unwrap();
+    let want = Cpu.forward(&batch, &config).unwrap();
+    assert_close("chosen", &got.chosen_logps, &want.chosen_logps, 0.5, 1e-5);
+    assert_close(
+        "rejected",
+        &got.rejected_logps,
+        &want.rejected_logps,
+        0.5,
+        1e-5,
+    );
+    assert_close("loss", &[got.loss], &[want.loss], 1e-5, 1e-3);
+
+    let mut grad = vec![bf16::ZERO; shape.logits_len()];
+    cuda.backward(&batch, &got.state, 1.0, &mut grad).unwrap();
+    let boundary_row = (1usize << 31) / vocab;
+    let last = shape.positions() - 1;
+    for p in [101, boundary_row, boundary_row + 1, last] {
+        let row: Vec<f64> = logits[p * vocab..(p + 1) * vocab]
+            .iter()
+            .map(|x| x.to_f32() as f64)
+            .collect();
+        let target = labels[p] as usize;
+        let (_, softmax) = row_reference(&row, target);
+        let coef = if p < shape.seq_len {
+            got.dloss_dmargin[0] as f64
+        } else {
+            -got.dloss_dmargin[0] as f64
+        };
+        let want_row: Vec<f32> = softmax
+            .iter()
+            .enumerate()
+            .map(|(v, &s)| (coef * (f64::from(u8::from(v == target)) - s)) as f32)
+            .collect();
+        let got_row: Vec<f32> = grad[p * vocab..(p + 1) * vocab]
+            .iter()
+            .map(|g| g.to_f32())
+            .collect();
+        // bf16 output: 2 units of 2^-8 relative, plus 1e-5 * |grad_loss| absolute.
+        assert_close(&format!("grad row {p}"), &got_row, &want_row, 1e-5, 8e-3);
+    }
+}
