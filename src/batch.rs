@@ -82,7 +82,12 @@ impl BatchShape {
 
 /// A borrowed padded batch: the logits, the labels aligned with them and the optional
 /// reference log-probs, all host memory in row-major order.
+///
+/// Build it with [`Batch::new`]. The struct is `non_exhaustive` so that a packed layout
+/// (sequences as ranges of one flat token array, no padding) can arrive as another constructor
+/// and an optional field without breaking callers or the [`crate::Backend`] signatures.
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub struct Batch<'a, T: Element, L: Label> {
     /// Dimensions.
     pub shape: BatchShape,
