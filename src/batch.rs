@@ -31,7 +31,7 @@ impl BatchShape {
                 shape: vec![rows, seq_len, row_stride],
             });
         }
-        if rows % 2 != 0 {
+        if !rows.is_multiple_of(2) {
             return Err(Error::OddRowCount {
                 tensor: "policy_logits",
                 rows,
