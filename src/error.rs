@@ -40,6 +40,20 @@ pub enum Error {
         expected: Vec<usize>,
     },
 
+    /// The element count 2B * T * W of the logits does not fit in `usize`.
+    #[error(
+        "invalid shape: policy_logits [2B, T, W] with B = {pairs}, T = {seq_len}, W = \
+         {row_stride} has more than usize::MAX elements, so no buffer can hold it; check the dims"
+    )]
+    ShapeOverflow {
+        /// Number of pairs B.
+        pairs: usize,
+        /// Positions per sequence T.
+        seq_len: usize,
+        /// Row stride W.
+        row_stride: usize,
+    },
+
     /// The vocabulary size is 0 or larger than the row stride.
     #[error(
         "invalid vocabulary size {vocab}: it must be in [1, {row_stride}] (the row stride of \
