@@ -108,6 +108,19 @@ pub enum Error {
         value: f32,
     },
 
+    /// A forward output is NaN or beyond the f32 range although every input passed its checks.
+    /// The causes are log-probs of -inf (target logits of -inf), an extreme beta or extreme
+    /// reference_logps.
+    #[error("non-finite output: {output} = {value:e}: {detail}")]
+    NonFiniteOutput {
+        /// Output name, with the pair index for per-pair outputs (`losses[3]`).
+        output: String,
+        /// The value in f64, before rounding to f32.
+        value: f64,
+        /// The cause and the fix.
+        detail: String,
+    },
+
     /// A scalar parameter is out of its range.
     #[error("invalid {name} = {value}: expected {expected}")]
     InvalidParameter {

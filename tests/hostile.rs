@@ -232,3 +232,166 @@ fn chosen_neg_inf<T: TestFloat, L: TestLabel>() {
 fn chosen_log_prob_neg_inf() {
     for_each_dtype!(chosen_neg_inf());
 }
+
+/// Every loss kind, with and without label smoothing.
+fn every_loss() -> [LossKind; 6] {
+    [
+        LossKind::Sigmoid {
+            label_smoothing: 0.0,
+        },
+        LossKind::Sigmoid {
+            label_smoothing: 0.5,
+        },
+        LossKind::Robust {
+            label_smoothing: 0.0,
+        },
+        LossKind::Robust {
+            label_smoothing: 0.25,
+        },
+        LossKind::Ipo,
+        LossKind::Hinge,
+    ]
+}
+
+fn both_neg_inf<T: TestFloat, L: TestLabel>() {
+    // Both log-probs of the pair are -inf, so z = -inf - (-inf) has no value. Hinge used to
+    // return loss 0 here because NaN < 1 is false.
+    let raw = neg_inf_targets(&[0, 1]);
+    for backend in backends() {
+        for loss in every_loss() {
+            let context = format!("{}/{}/{}: {loss:?}", backend.name, T::NAME, L::NAME);
+            let mut config = DpoConfig::new(0.1);
+            config.loss = loss;
+            let err = expect_err(
+                &context,
+                forward_backward::<T, L>(&backend.open(config), &raw, 1.0),
+            );
+            assert!(
+                matches!(&err, Error::NonFiniteOutput { output, value, .. }
+                    if output == "margin of pair 0" && value.is_nan()),
+                "{context}: {err:?}"
+            );
+            assert_message(&context, &err, &["margin of pair 0", "log-prob -inf"]);
+        }
+    }
+}
+
+#[test]
+fn both_log_probs_neg_inf_rejected() {
+    for_each_dtype!(both_neg_inf());
+}
+
+fn opposite_infinite_margins<T: TestFloat, L: TestLabel>() {
+    // Pair 0 has z = -inf and pair 1 has z = +inf, so the mean margin is inf - inf.
+    let mut rng = Rng::new(72);
+    let mut raw = RawBatch::random(&mut rng, &Spec::new(2, 2, 4).masked(0.0));
+    for row in [0, 3] {
+        let target = raw.labels[raw.position(row, 1)] as usize;
+        raw.row_mut(row, 1)[target] = f32::NEG_INFINITY;
+    }
+    for backend in backends() {
+        for loss in every_loss() {
+            let context = format!("{}/{}/{}: {loss:?}", backend.name, T::NAME, L::NAME);
+            let mut config = DpoConfig::new(0.1);
+            config.loss = loss;
+            let err = expect_err(
+                &context,
+                forward_backward::<T, L>(&backend.open(config), &raw, 1.0),
+            );
+            assert!(
+                matches!(&err, Error::NonFiniteOutput { output, value, .. }
+                    if output == "rewards/margins" && value.is_nan()),
+                "{context}: {err:?}"
+            );
+            assert_message(&context, &err, &["rewards/margins", "+inf and -inf"]);
+        }
+    }
+}
+
+#[test]
+fn opposite_infinite_margins_rejected() {
+    for_each_dtype!(opposite_infinite_margins());
+}
+
+/// Checks that the forward fails with an f32 overflow of `output`.
+fn assert_overflow(context: &str, result: dpo_kernels::Result<DpoOutput>, output: &str) {
+    let err = expect_err(context, result);
+    assert!(
+        matches!(&err, Error::NonFiniteOutput { output: o, value, .. }
+            if o == output && value.is_finite()),
+        "{context}: {err:?}"
+    );
+    assert_message(context, &err, &[output, "beyond the f32 range"]);
+}
+
+fn extreme_beta_and_reference<T: TestFloat, L: TestLabel>() {
+    let mut rng = Rng::new(73);
+    let raw = RawBatch::random(&mut rng, &Spec::new(2, 3, 5).masked(0.0));
+    let inputs = Inputs::<T>::round(&raw);
+    let labels = inputs.labels_as::<L>();
+    let huge_reference = [3e38f32, -3e38, -3e38, 3e38];
+    let far_reference = [1e10f32, 1e10, 2e10, 2e10];
+    let batch = Batch::new(
+        inputs.shape,
+        &inputs.logits,
+        &labels,
+        inputs.reference.as_deref(),
+    );
+    let huge = Batch::new(inputs.shape, &inputs.logits, &labels, Some(&huge_reference));
+    let far = Batch::new(inputs.shape, &inputs.logits, &labels, Some(&far_reference));
+    for backend in backends() {
+        let name = format!("{}/{}/{}", backend.name, T::NAME, L::NAME);
+        let open = |beta: f32, loss: LossKind| {
+            let mut config = DpoConfig::new(beta);
+            config.loss = loss;
+            backend.open(config)
+        };
+        let sigmoid = LossKind::Sigmoid {
+            label_smoothing: 0.0,
+        };
+
+        // Finite margins of order 10 keep every output finite at both ends of beta.
+        for beta in [1e-30, 1e-45, 1e30] {
+            for loss in every_loss() {
+                if loss == LossKind::Ipo && beta < 1.0 {
+                    continue; // (z - 1 / (2 beta))^2 overflows, checked below
+                }
+                let context = format!("{name}: beta {beta:e}, {loss:?}");
+                let out = open(beta, loss)
+                    .forward(&batch)
+                    .unwrap_or_else(|err| panic!("{context}: {err}"));
+                assert!(out.loss.is_finite(), "{context}: loss {}", out.loss);
+                assert!(
+                    out.dloss_dmargin.iter().all(|d| d.is_finite()),
+                    "{context}: {:?}",
+                    out.dloss_dmargin
+                );
+            }
+        }
+
+        // IPO: (z - 1 / (2 beta))^2 = 2.5e59 at beta = 1e-30.
+        let context = format!("{name}: IPO, beta 1e-30");
+        assert_overflow(&context, open(1e-30, LossKind::Ipo).forward(&batch), "loss");
+        let err = expect_err(&context, open(1e-30, LossKind::Ipo).forward(&batch));
+        assert_message(&context, &err, &["beta = 1e-30"]);
+
+        // z = 6e38 overflows the loss of each pair at beta = 1 (their mean, 3e38, does not).
+        let context = format!("{name}: reference_logps +-3e38, beta 1");
+        assert_overflow(&context, open(1.0, sigmoid).forward(&huge), "losses[0]");
+        let context = format!("{name}: reference_logps +-3e38, beta 1e30");
+        assert_overflow(&context, open(1e30, sigmoid).forward(&huge), "loss");
+
+        // Rewards of -1e40 overflow while the hinge loss is 0 (u = 1e40 is past the hinge).
+        let context = format!("{name}: reference_logps 1e10 and 2e10, beta 1e30");
+        assert_overflow(
+            &context,
+            open(1e30, LossKind::Hinge).forward(&far),
+            "rewards/chosen",
+        );
+    }
+}
+
+#[test]
+fn extreme_beta_and_reference_logps() {
+    for_each_dtype!(extreme_beta_and_reference());
+}

@@ -107,7 +107,7 @@ impl Backend for Cpu {
         }
 
         // 4. Losses, rewards, metrics and c[r].
-        let step = pair_step(&shape, config, &sums, batch.reference_logps);
+        let step = pair_step(&shape, config, &sums, batch.reference_logps)?;
         saved.seq_coef = step.seq_coef;
         Ok(DpoOutput {
             loss: step.loss,
