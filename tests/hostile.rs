@@ -99,7 +99,7 @@ fn forward_backward<T: TestFloat, L: TestLabel>(
     Ok((out, grad))
 }
 
-/// One pair of T = 2 positions over V = 4, nothing masked, with the target logit of position 0
+/// Returns one pair of T = 2 positions over V = 4, nothing masked, with the target logit of position 0
 /// set to -inf in each of `rows`, so those sequences have log-prob -inf (probability 0).
 fn neg_inf_targets(rows: &[usize]) -> RawBatch {
     let mut rng = Rng::new(71);
@@ -113,7 +113,7 @@ fn neg_inf_targets(rows: &[usize]) -> RawBatch {
 
 fn rejected_neg_inf<T: TestFloat, L: TestLabel>() {
     // z = +inf. Every loss has a finite limit or an exact infinity there and a finite
-    // derivative; plain DPO gives 0, as -log sigmoid(+inf) = 0.
+    // derivative. Plain DPO gives 0 because -log sigmoid(+inf) = 0.
     let raw = neg_inf_targets(&[1]);
     let beta = 0.1f32;
     let cases: [(LossKind, f32, f32); 5] = [
@@ -233,7 +233,7 @@ fn chosen_log_prob_neg_inf() {
     for_each_dtype!(chosen_neg_inf());
 }
 
-/// Every loss kind, with and without label smoothing.
+/// Returns every loss kind, with and without label smoothing.
 fn every_loss() -> [LossKind; 6] {
     [
         LossKind::Sigmoid {
@@ -254,8 +254,8 @@ fn every_loss() -> [LossKind; 6] {
 }
 
 fn both_neg_inf<T: TestFloat, L: TestLabel>() {
-    // Both log-probs of the pair are -inf, so z = -inf - (-inf) has no value. Hinge used to
-    // return loss 0 here because NaN < 1 is false.
+    // Both log-probs of the pair are -inf, so z = -inf - (-inf) has no value. Without a check,
+    // hinge returns loss 0 here because NaN < 1 is false.
     let raw = neg_inf_targets(&[0, 1]);
     for backend in backends() {
         for loss in every_loss() {
@@ -394,4 +394,75 @@ fn extreme_beta_and_reference<T: TestFloat, L: TestLabel>() {
 #[test]
 fn extreme_beta_and_reference_logps() {
     for_each_dtype!(extreme_beta_and_reference());
+}
+
+fn largest_finite_logits<T: TestFloat, L: TestLabel>(max: f32) {
+    // V = 300 spans one full 256-column chunk and a tail. Columns with col % 8 < 4 hold +max and
+    // the rest -max, so f32 accumulators per lane reach +inf in lanes 0..4 and -inf in lanes
+    // 4..8. The true mean logit is (152 - 148) * max / 300.
+    let (vocab, plus_count) = (300, 152);
+    let row: Vec<f32> = (0..vocab)
+        .map(|col| if col % 8 < 4 { max } else { -max })
+        .collect();
+    let shape = BatchShape::from_dims(2, 1, vocab, vocab).unwrap();
+    let logits: Vec<T> = [row.clone(), row]
+        .concat()
+        .into_iter()
+        .map(T::round)
+        .collect();
+    assert!(logits.iter().all(|x| x.widen().is_finite()));
+    let plus_target = vec![L::from_i64(8), L::from_i64(1)];
+    let minus_target = vec![L::from_i64(4), L::from_i64(1)];
+    for backend in backends() {
+        let context = format!("{}/{}/{}: logits +-{max:e}", backend.name, T::NAME, L::NAME);
+        let dpo = backend.open(DpoConfig::new(0.1));
+
+        // Targets at +max: log p = -ln 152 on both sides, everything finite.
+        let batch = Batch::new(shape, &logits, &plus_target, None);
+        let out = dpo
+            .forward(&batch)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        let want = -(plus_count as f64).ln();
+        for logp in [out.chosen_logps[0], out.rejected_logps[0]] {
+            assert!(
+                (logp as f64 - want).abs() <= 1e-5,
+                "{context}: log-prob {logp}, expected {want}"
+            );
+        }
+        let mean_logit = ((2 * plus_count - vocab) as f64 * max as f64 / vocab as f64) as f32;
+        assert_eq!(
+            out.metrics.logits_chosen, mean_logit,
+            "{context}: logits/chosen"
+        );
+        assert_eq!(
+            out.metrics.logits_rejected, mean_logit,
+            "{context}: logits/rejected"
+        );
+        assert!(out.loss.is_finite(), "{context}: loss {}", out.loss);
+        let mut grad = vec![f32::NAN; logits.len()];
+        dpo.backward(&batch, &out.state, 1.0, &mut grad)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        assert!(grad.iter().all(|g| g.is_finite()), "{context}: gradient");
+
+        // A target at -max: log p = -2 max - ln 152, beyond the f32 range unless max is the
+        // f16 one.
+        let batch = Batch::new(shape, &logits, &minus_target, None);
+        let want = -2.0 * max as f64 - (plus_count as f64).ln();
+        if (want as f32).is_finite() {
+            let out = dpo
+                .forward(&batch)
+                .unwrap_or_else(|err| panic!("{context}: {err}"));
+            assert_eq!(out.chosen_logps[0], want as f32, "{context}: log-prob");
+        } else {
+            assert_overflow(&context, dpo.forward(&batch), "logps/chosen");
+        }
+    }
+}
+
+#[test]
+fn logits_at_largest_finite_value() {
+    largest_finite_logits::<f32, i64>(f32::MAX);
+    largest_finite_logits::<f32, i32>(f32::MAX);
+    largest_finite_logits::<half::bf16, i64>(half::bf16::MAX.to_f32());
+    largest_finite_logits::<half::f16, i64>(half::f16::MAX.to_f32());
 }
