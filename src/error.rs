@@ -108,9 +108,9 @@ pub enum Error {
         value: f32,
     },
 
-    /// A forward output is NaN or beyond the f32 range although every input passed its checks.
-    /// The causes are log-probs of -inf (target logits of -inf), an extreme beta or extreme
-    /// reference_logps.
+    /// A forward output or a backward row scale is NaN or beyond the f32 range although every
+    /// input passed its checks. The causes are log-probs of -inf (target logits of -inf), an
+    /// extreme beta, grad_loss or reference_logps.
     #[error("non-finite output: {output} = {value:e}: {detail}")]
     NonFiniteOutput {
         /// Output name, with the pair index for per-pair outputs (`losses[3]`).

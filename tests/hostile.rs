@@ -79,6 +79,12 @@ fn shape_overflow_is_an_error() {
     }
 }
 
+/// B = 2 pairs, T = 3 positions, V = 5 real columns in rows of W = 6, nothing masked.
+fn small_batch() -> RawBatch {
+    let mut rng = Rng::new(70);
+    RawBatch::random(&mut rng, &Spec::new(2, 3, 5).stride(6).masked(0.0))
+}
+
 /// Runs the forward and, when it succeeds, the backward with `grad_loss` into an f32 buffer.
 fn forward_backward<T: TestFloat, L: TestLabel>(
     dpo: &DpoLoss,
@@ -465,4 +471,147 @@ fn logits_at_largest_finite_value() {
     largest_finite_logits::<f32, i32>(f32::MAX);
     largest_finite_logits::<half::bf16, i64>(half::bf16::MAX.to_f32());
     largest_finite_logits::<half::f16, i64>(half::f16::MAX.to_f32());
+}
+
+/// Returns the bits of `values` widened to f64, to compare buffers exactly (NaN included).
+fn bits<T: TestFloat>(values: &[T]) -> Vec<u64> {
+    values.iter().map(|v| v.widen().to_bits()).collect()
+}
+
+fn overflowing_gradient_scale<T: TestFloat, L: TestLabel>() {
+    // d loss / d logp[r] = c[r] is 5e29 at beta = 1e30 (B = 2), so grad_loss = 1e30 makes
+    // grad_loss * c[r] overflow f32, and -inf * p gives NaN where p = 0.
+    let raw = small_batch();
+    let inputs = Inputs::<T>::round(&raw);
+    let labels = inputs.labels_as::<L>();
+    let batch = Batch::new(inputs.shape, &inputs.logits, &labels, None);
+    for backend in backends() {
+        let context = format!("{}/{}/{}: grad_loss 1e30", backend.name, T::NAME, L::NAME);
+        let dpo = backend.open(DpoConfig::new(1e30));
+        let out = dpo
+            .forward(&batch)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        let mut grad = vec![T::round(7.0); inputs.logits.len()];
+        let err = expect_err(&context, dpo.backward(&batch, &out.state, 1e30, &mut grad));
+        assert!(
+            matches!(&err, Error::NonFiniteOutput { value, .. } if value.is_finite()),
+            "{context}: {err:?}"
+        );
+        assert_message(
+            &context,
+            &err,
+            &["grad_loss = 1e30", "beyond the f32 range"],
+        );
+        assert!(
+            grad.iter().all(|g| g.widen() == 7.0),
+            "{context}: the buffer was written"
+        );
+
+        let mut logits = inputs.logits.clone();
+        let before = bits(&logits);
+        let result = dpo.backward_in_place(inputs.shape, &mut logits, &labels, &out.state, 1e30);
+        expect_err(&format!("{context}, in place"), result);
+        assert!(bits(&logits) == before, "{context}: logits changed");
+
+        // The same state with grad_loss 1 is fine.
+        dpo.backward(&batch, &out.state, 1.0, &mut grad)
+            .unwrap_or_else(|err| panic!("{context}: grad_loss 1: {err}"));
+        assert!(grad.iter().all(|g| !g.widen().is_nan()), "{context}");
+    }
+}
+
+#[test]
+fn gradient_scale_overflow_rejected() {
+    for_each_dtype!(overflowing_gradient_scale());
+}
+
+fn ipo_infinite_margin<T: TestFloat, L: TestLabel>() {
+    // IPO at z = +inf: the loss (z - 1 / (2 beta))^2 and its derivative are +inf, which the
+    // forward reports as exact values, but no finite gradient exists.
+    let raw = neg_inf_targets(&[1]);
+    let mut config = DpoConfig::new(0.1);
+    config.loss = LossKind::Ipo;
+    for backend in backends() {
+        let context = format!("{}/{}/{}: IPO, z = +inf", backend.name, T::NAME, L::NAME);
+        let dpo = backend.open(config);
+        let inputs = Inputs::<T>::round(&raw);
+        let labels = inputs.labels_as::<L>();
+        let batch = Batch::new(inputs.shape, &inputs.logits, &labels, None);
+        let out = dpo
+            .forward(&batch)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        assert_eq!(out.loss, f32::INFINITY, "{context}: loss");
+        assert_eq!(
+            out.dloss_dmargin[0],
+            f32::INFINITY,
+            "{context}: dloss_dmargin"
+        );
+        let mut grad = vec![0.0f32; inputs.logits.len()];
+        let err = expect_err(&context, dpo.backward(&batch, &out.state, 1.0, &mut grad));
+        assert!(
+            matches!(&err, Error::NonFiniteOutput { value, .. } if value.is_infinite()),
+            "{context}: {err:?}"
+        );
+        assert_message(&context, &err, &["sequence 0"]);
+    }
+}
+
+#[test]
+fn ipo_infinite_margin_has_no_gradient() {
+    for_each_dtype!(ipo_infinite_margin());
+}
+
+fn gradient_scales<T: TestFloat, L: TestLabel>() {
+    let raw = small_batch();
+    let inputs = Inputs::<T>::round(&raw);
+    let labels = inputs.labels_as::<L>();
+    let batch = Batch::new(
+        inputs.shape,
+        &inputs.logits,
+        &labels,
+        inputs.reference.as_deref(),
+    );
+    for backend in backends() {
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let out = dpo.forward(&batch).expect("forward");
+        let name = format!("{}/{}/{}", backend.name, T::NAME, L::NAME);
+
+        // grad_loss 0 gives an all-zero gradient.
+        let mut grad = vec![T::round(7.0); inputs.logits.len()];
+        dpo.backward(&batch, &out.state, 0.0, &mut grad)
+            .expect("grad_loss 0");
+        assert!(
+            grad.iter().all(|g| g.widen() == 0.0),
+            "{name}: grad_loss 0 left a nonzero gradient"
+        );
+
+        // The smallest subnormal flushes every element to 0 or a subnormal, never NaN.
+        dpo.backward(&batch, &out.state, f32::from_bits(1), &mut grad)
+            .expect("grad_loss 1e-45");
+        assert!(
+            grad.iter().all(|g| g.widen().abs() < 1e-37),
+            "{name}: grad_loss 1e-45"
+        );
+
+        // 1e30 fits f32, so an f32 gradient is finite. Elements beyond an f16 or bf16 range
+        // round to +-inf, as a cast does, which is what loss scalers test for. None is NaN.
+        dpo.backward(&batch, &out.state, 1e30, &mut grad)
+            .expect("grad_loss 1e30");
+        assert!(
+            grad.iter().all(|g| !g.widen().is_nan()),
+            "{name}: grad_loss 1e30 gave NaN"
+        );
+        let mut grad32 = vec![0.0f32; inputs.logits.len()];
+        dpo.backward(&batch, &out.state, 1e30, &mut grad32)
+            .expect("grad_loss 1e30");
+        assert!(
+            grad32.iter().all(|g| g.is_finite()),
+            "{name}: grad_loss 1e30 gave a non-finite f32 gradient"
+        );
+    }
+}
+
+#[test]
+fn gradient_at_extreme_grad_loss() {
+    for_each_dtype!(gradient_scales());
 }
