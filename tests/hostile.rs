@@ -615,3 +615,51 @@ fn gradient_scales<T: TestFloat, L: TestLabel>() {
 fn gradient_at_extreme_grad_loss() {
     for_each_dtype!(gradient_scales());
 }
+
+fn state_from_other_config<T: TestFloat, L: TestLabel>() {
+    let inputs = Inputs::<T>::round(&small_batch());
+    let labels = inputs.labels_as::<L>();
+    let batch = Batch::new(
+        inputs.shape,
+        &inputs.logits,
+        &labels,
+        inputs.reference.as_deref(),
+    );
+    for backend in backends() {
+        let context = format!("{}/{}/{}: beta 0.1 state", backend.name, T::NAME, L::NAME);
+        let state = backend
+            .open(DpoConfig::new(0.1))
+            .forward(&batch)
+            .expect("forward")
+            .state;
+        let other = backend.open(DpoConfig::new(0.2));
+        let mut grad = vec![T::round(7.0); inputs.logits.len()];
+        let err = expect_err(&context, other.backward(&batch, &state, 1.0, &mut grad));
+        assert!(
+            matches!(err, Error::StateMismatch { .. }),
+            "{context}: {err:?}"
+        );
+        assert_message(&context, &err, &["beta: 0.1", "beta: 0.2"]);
+        assert!(
+            grad.iter().all(|g| g.widen() == 7.0),
+            "{context}: the buffer was written"
+        );
+
+        let mut logits = inputs.logits.clone();
+        let result = other.backward_in_place(inputs.shape, &mut logits, &labels, &state, 1.0);
+        let err = expect_err(&context, result);
+        assert!(
+            matches!(err, Error::StateMismatch { .. }),
+            "{context}: in place: {err:?}"
+        );
+        assert!(
+            bits(&logits) == bits(&inputs.logits),
+            "{context}: logits changed"
+        );
+    }
+}
+
+#[test]
+fn backward_with_state_of_other_config() {
+    for_each_dtype!(state_from_other_config());
+}
