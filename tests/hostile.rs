@@ -585,7 +585,7 @@ fn gradient_scales<T: TestFloat, L: TestLabel>() {
             "{name}: grad_loss 0 left a nonzero gradient"
         );
 
-        // The smallest subnormal flushes every element to 0 or a subnormal, never NaN.
+        // The smallest subnormal scale gives elements of 0 or subnormals, never NaN.
         dpo.backward(&batch, &out.state, f32::from_bits(1), &mut grad)
             .expect("grad_loss 1e-45");
         assert!(
@@ -662,4 +662,421 @@ fn state_from_other_config<T: TestFloat, L: TestLabel>() {
 #[test]
 fn backward_with_state_of_other_config() {
     for_each_dtype!(state_from_other_config());
+}
+
+fn zero_positions<T: TestFloat, L: TestLabel>() {
+    // T = 0 is accepted like a batch whose every position is masked: each sequence log-prob
+    // is 0, so z = ref_r - ref_c and the gradient buffer is empty.
+    let shape = BatchShape::from_dims(2, 0, 4, 4).expect("T = 0 is a valid shape");
+    let logits: Vec<T> = Vec::new();
+    let labels: Vec<L> = Vec::new();
+    let reference = [-2.0f32, -1.0];
+    for backend in backends() {
+        let context = format!("{}/{}/{}: T = 0", backend.name, T::NAME, L::NAME);
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let batch = Batch::new(shape, &logits, &labels, Some(&reference));
+        let out = dpo
+            .forward(&batch)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        // z = ref_r - ref_c = 1, and -log sigmoid(0.1 * 1) = ln(1 + exp(-0.1)).
+        let want = (1.0f64 + (-0.1f64).exp()).ln();
+        assert!(
+            (out.loss as f64 - want).abs() < 1e-7,
+            "{context}: loss {}",
+            out.loss
+        );
+        assert_eq!(out.chosen_logps, [0.0], "{context}");
+        assert_eq!(out.rejected_logps, [0.0], "{context}");
+        assert_eq!(out.metrics.logits_chosen, 0.0, "{context}");
+        let mut grad: Vec<T> = Vec::new();
+        dpo.backward(&batch, &out.state, 1.0, &mut grad)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+    }
+}
+
+#[test]
+fn zero_positions_per_sequence() {
+    for_each_dtype!(zero_positions());
+}
+
+fn single_column_vocab<T: TestFloat, L: TestLabel>() {
+    // V = W = 1: the only label is 0, its probability is exactly 1, so every log-prob and
+    // every gradient element is 0, whatever the logit.
+    let shape = BatchShape::from_dims(2, 2, 1, 1).unwrap();
+    let logits: Vec<T> = [5.0, -3.0e4, 1.0e-40, 7.0].map(T::round).to_vec();
+    let labels: Vec<L> = [0, 0, 0, -100].map(L::from_i64).to_vec();
+    for backend in backends() {
+        let context = format!("{}/{}/{}: V = 1", backend.name, T::NAME, L::NAME);
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let batch = Batch::new(shape, &logits, &labels, None);
+        let out = dpo
+            .forward(&batch)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        assert_eq!(out.chosen_logps, [0.0], "{context}");
+        assert_eq!(out.rejected_logps, [0.0], "{context}");
+        assert_eq!(out.loss, std::f32::consts::LN_2, "{context}: loss");
+        let mut grad = vec![T::round(7.0); 4];
+        dpo.backward(&batch, &out.state, 1.0, &mut grad)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        assert!(grad.iter().all(|g| g.widen() == 0.0), "{context}: {grad:?}");
+
+        // Label 1 is outside [0, 1).
+        let bad: Vec<L> = [0, 1, 0, 0].map(L::from_i64).to_vec();
+        let err = expect_err(
+            &context,
+            dpo.forward(&Batch::new(shape, &logits, &bad, None)),
+        );
+        assert!(
+            matches!(
+                err,
+                Error::InvalidLabel {
+                    label: 1,
+                    vocab: 1,
+                    ..
+                }
+            ),
+            "{context}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn vocabulary_of_one_column() {
+    for_each_dtype!(single_column_vocab());
+}
+
+#[test]
+fn label_at_integer_limits() {
+    let raw = small_batch();
+    let inputs = Inputs::<f32>::round(&raw);
+    for label in [i64::MIN, i64::MAX, i32::MIN as i64, i32::MAX as i64] {
+        let mut labels = inputs.labels.clone();
+        labels[5] = label;
+        let batch = Batch::new(inputs.shape, &inputs.logits, &labels, None);
+        for backend in backends() {
+            let context = format!("{}: label {label}", backend.name);
+            let err = expect_err(&context, backend.open(DpoConfig::new(0.1)).forward(&batch));
+            assert!(
+                matches!(err, Error::InvalidLabel { row: 1, position: 2, label: l, .. } if l == label),
+                "{context}: {err:?}"
+            );
+            assert_message(&context, &err, &[&format!("label {label}"), "[0, 5)"]);
+        }
+    }
+}
+
+#[test]
+fn ignore_index_outside_i32() {
+    // With i32 labels no label can equal ignore_index = -2^40, so -100 is an invalid label
+    // and every position must hold a real label.
+    let mut raw = small_batch();
+    raw.labels[4] = -100;
+    let inputs = Inputs::<f32>::round(&raw);
+    let labels = inputs.labels_as::<i32>();
+    let mut config = DpoConfig::new(0.1);
+    config.ignore_index = -(1 << 40);
+    for backend in backends() {
+        let context = format!("{}: ignore_index -2^40, i32 labels", backend.name);
+        let dpo = backend.open(config);
+        let batch = Batch::new(inputs.shape, &inputs.logits, &labels, None);
+        let err = expect_err(&context, dpo.forward(&batch));
+        assert!(
+            matches!(err, Error::InvalidLabel { label: -100, ignore_index, .. }
+                if ignore_index == -(1 << 40)),
+            "{context}: {err:?}"
+        );
+        assert_message(
+            &context,
+            &err,
+            &["label -100", "ignore_index -1099511627776"],
+        );
+
+        let valid = small_batch()
+            .labels
+            .iter()
+            .map(|&y| y as i32)
+            .collect::<Vec<_>>();
+        let batch = Batch::new(inputs.shape, &inputs.logits, &valid, None);
+        let out = dpo
+            .forward(&batch)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        assert!(out.loss.is_finite(), "{context}");
+    }
+}
+
+fn ignore_index_is_a_token<T: TestFloat, L: TestLabel>() {
+    // ignore_index = 0 masks every position labelled 0, as in PyTorch's cross_entropy: the
+    // result is bit-identical to relabelling those positions -100 under ignore_index -100.
+    let mut rng = Rng::new(74);
+    let raw = RawBatch::random(&mut rng, &Spec::new(2, 16, 3).masked(0.0));
+    assert!(raw.labels.contains(&0), "the batch needs some label 0");
+    let inputs = Inputs::<T>::round(&raw);
+    let labels = inputs.labels_as::<L>();
+    let relabelled: Vec<L> = raw
+        .labels
+        .iter()
+        .map(|&y| L::from_i64(if y == 0 { -100 } else { y }))
+        .collect();
+    let mut zero_ignored = DpoConfig::new(0.1);
+    zero_ignored.ignore_index = 0;
+    for backend in backends() {
+        let context = format!("{}/{}/{}: ignore_index 0", backend.name, T::NAME, L::NAME);
+        let reference = inputs.reference.as_deref();
+        let run = |config: DpoConfig, labels: &[L]| {
+            let dpo = backend.open(config);
+            let batch = Batch::new(inputs.shape, &inputs.logits, labels, reference);
+            let out = dpo.forward(&batch).expect("forward");
+            let mut grad = vec![0.0f32; inputs.logits.len()];
+            dpo.backward(&batch, &out.state, 1.0, &mut grad)
+                .expect("backward");
+            (out, grad)
+        };
+        let (out, grad) = run(zero_ignored, &labels);
+        let (want, want_grad) = run(DpoConfig::new(0.1), &relabelled);
+        assert_eq!(out.loss.to_bits(), want.loss.to_bits(), "{context}: loss");
+        assert_eq!(out.chosen_logps, want.chosen_logps, "{context}");
+        assert_eq!(out.rejected_logps, want.rejected_logps, "{context}");
+        assert!(
+            bits(&grad) == bits(&want_grad),
+            "{context}: gradients differ"
+        );
+    }
+}
+
+#[test]
+fn ignore_index_equal_to_a_token() {
+    for_each_dtype!(ignore_index_is_a_token());
+}
+
+fn half_label_smoothing<T: TestFloat, L: TestLabel>() {
+    // eps = 0.5 is the top of cDPO's range: l(z) = (softplus(-u) + softplus(u)) / 2 is even
+    // in u, at least ln 2, and l'(z) = beta * (sigmoid(u) - sigmoid(-u)) / 2.
+    let inputs = Inputs::<T>::round(&small_batch());
+    let labels = inputs.labels_as::<L>();
+    let mut config = DpoConfig::new(0.1);
+    config.loss = LossKind::Sigmoid {
+        label_smoothing: 0.5,
+    };
+    let batch = Batch::new(
+        inputs.shape,
+        &inputs.logits,
+        &labels,
+        inputs.reference.as_deref(),
+    );
+    let reference = inputs.reference.as_ref().unwrap();
+    let softplus = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+    let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+    for backend in backends() {
+        let context = format!("{}/{}/{}: eps 0.5", backend.name, T::NAME, L::NAME);
+        let out = backend
+            .open(config)
+            .forward(&batch)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        for i in 0..2 {
+            let z = (out.chosen_logps[i] as f64 - reference[i] as f64)
+                - (out.rejected_logps[i] as f64 - reference[2 + i] as f64);
+            let u = 0.1 * z;
+            let loss = (softplus(-u) + softplus(u)) / 2.0;
+            let dz = 0.1 * (sigmoid(u) - sigmoid(-u)) / 2.0;
+            assert!(
+                out.losses[i] as f64 >= std::f64::consts::LN_2 - 1e-7,
+                "{context}"
+            );
+            assert!(
+                (out.losses[i] as f64 - loss).abs() <= 1e-6 * loss,
+                "{context}: losses[{i}] {} expected {loss}",
+                out.losses[i]
+            );
+            assert!(
+                (out.dloss_dmargin[i] as f64 - dz).abs() <= 1e-7,
+                "{context}: dloss_dmargin[{i}] {} expected {dz}",
+                out.dloss_dmargin[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn label_smoothing_of_one_half() {
+    for_each_dtype!(half_label_smoothing());
+}
+
+fn subnormal_logits<T: TestFloat, L: TestLabel>() {
+    // Logits of the smallest subnormals are all but 0, so every log-prob is -ln V per token.
+    let mut raw = small_batch();
+    for (i, x) in raw.logits.iter_mut().enumerate() {
+        *x = (T::MIN_SUBNORMAL * (i % 3) as f64) as f32;
+    }
+    raw.reference = None;
+    let inputs = Inputs::<T>::round(&raw);
+    assert!(inputs.logits.iter().any(|x| x.widen() != 0.0));
+    let want = -3.0 * 5.0f64.ln();
+    for backend in backends() {
+        let context = format!("{}/{}/{}: subnormal logits", backend.name, T::NAME, L::NAME);
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let (out, grad) = forward_backward::<T, L>(&dpo, &raw, 1.0)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        for logp in out.chosen_logps.iter().chain(&out.rejected_logps) {
+            assert!(
+                (*logp as f64 - want).abs() <= 1e-5,
+                "{context}: log-prob {logp} expected {want}"
+            );
+        }
+        assert!(
+            (out.loss as f64 - std::f64::consts::LN_2).abs() <= 1e-6,
+            "{context}"
+        );
+        assert!(grad.iter().all(|g| g.is_finite()), "{context}: gradient");
+    }
+}
+
+#[test]
+fn subnormal_logits_are_uniform() {
+    for_each_dtype!(subnormal_logits());
+}
+
+fn half_precision_infinities<L: TestLabel>() {
+    // f16 has +-inf next to +-65504. A -inf outside the target is an ordinary 0 probability,
+    // and +inf at a valid position is rejected with its column.
+    let mut raw = small_batch();
+    raw.logits
+        .iter_mut()
+        .for_each(|x| *x = x.clamp(-60.0, 60.0));
+    let target = raw.labels[raw.position(2, 1)] as usize;
+    let other = (target + 1) % 5;
+    raw.row_mut(2, 1)[other] = f32::NEG_INFINITY;
+    raw.row_mut(1, 0)[0] = 65504.0;
+    raw.row_mut(1, 0)[1] = -65504.0;
+    for backend in backends() {
+        let context = format!("{}/f16/{}: +-65504 and -inf", backend.name, L::NAME);
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let (out, grad) = forward_backward::<half::f16, L>(&dpo, &raw, 1.0)
+            .unwrap_or_else(|err| panic!("{context}: {err}"));
+        assert!(out.loss.is_finite(), "{context}: loss {}", out.loss);
+        assert!(grad.iter().all(|g| g.is_finite()), "{context}: gradient");
+        let w = raw.shape.row_stride;
+        let p = raw.position(2, 1);
+        assert_eq!(grad[p * w + other], 0.0, "{context}: gradient at -inf");
+
+        let mut poisoned = raw.clone();
+        poisoned.row_mut(3, 2)[4] = f32::INFINITY;
+        let err = expect_err(
+            &context,
+            forward_backward::<half::f16, L>(&dpo, &poisoned, 1.0),
+        );
+        assert!(
+            matches!(
+                err,
+                Error::NonFiniteLogit {
+                    row: 3,
+                    position: 2,
+                    ..
+                }
+            ),
+            "{context}: {err:?}"
+        );
+        assert_message(&context, &err, &["+inf", "column 4"]);
+    }
+}
+
+#[test]
+fn f16_infinities_and_extremes() {
+    half_precision_infinities::<i64>();
+    half_precision_infinities::<i32>();
+}
+
+fn repeated_backward<T: TestFloat, L: TestLabel>() {
+    // The backward reads the state and never changes it, so a second call gives the same bits.
+    let inputs = Inputs::<T>::round(&small_batch());
+    let labels = inputs.labels_as::<L>();
+    let batch = Batch::new(
+        inputs.shape,
+        &inputs.logits,
+        &labels,
+        inputs.reference.as_deref(),
+    );
+    for backend in backends() {
+        let context = format!("{}/{}/{}: backward twice", backend.name, T::NAME, L::NAME);
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let out = dpo.forward(&batch).expect("forward");
+        let mut first = vec![T::round(f32::NAN); inputs.logits.len()];
+        let mut second = vec![T::round(-1.0); inputs.logits.len()];
+        dpo.backward(&batch, &out.state, 1.0, &mut first)
+            .expect("first backward");
+        dpo.backward(&batch, &out.state, 1.0, &mut second)
+            .expect("second backward");
+        assert!(bits(&first) == bits(&second), "{context}: the calls differ");
+    }
+}
+
+#[test]
+fn backward_twice_is_identical() {
+    for_each_dtype!(repeated_backward());
+}
+
+#[test]
+fn state_of_same_shape_batch_is_not_detected() {
+    // A state from another batch of the same shape and config passes every check, and the
+    // backward returns a gradient that is not the gradient of this batch, as the docs of
+    // DpoLoss::backward state. This test pins that no error is raised and nothing is NaN.
+    let inputs = Inputs::<f32>::round(&small_batch());
+    let mut rng = Rng::new(75);
+    let other_raw = RawBatch::random(&mut rng, &Spec::new(2, 3, 5).stride(6).masked(0.0));
+    let other = Inputs::<f32>::round(&other_raw);
+    let batch = Batch::new(inputs.shape, &inputs.logits, &inputs.labels, None);
+    let other_batch = Batch::new(other.shape, &other.logits, &other.labels, None);
+    for backend in backends() {
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let state = dpo.forward(&other_batch).expect("forward").state;
+        let own = dpo.forward(&batch).expect("forward").state;
+        let mut grad = vec![0.0f32; inputs.logits.len()];
+        let mut want = vec![0.0f32; inputs.logits.len()];
+        dpo.backward(&batch, &state, 1.0, &mut grad)
+            .expect("backward with another batch's state");
+        dpo.backward(&batch, &own, 1.0, &mut want)
+            .expect("backward");
+        assert!(grad.iter().all(|g| g.is_finite()), "{}", backend.name);
+        assert!(
+            grad != want,
+            "{}: the state made no difference",
+            backend.name
+        );
+    }
+}
+
+#[test]
+fn concurrent_forward_on_one_loss() {
+    // Eight threads share one DpoLoss by reference, and each gets the bits of a lone run
+    // while the others run.
+    let mut rng = Rng::new(76);
+    let raw = RawBatch::random(&mut rng, &Spec::new(3, 17, 300).masked(0.2));
+    let inputs = Inputs::<half::bf16>::round(&raw);
+    let batch = Batch::new(
+        inputs.shape,
+        &inputs.logits,
+        &inputs.labels,
+        inputs.reference.as_deref(),
+    );
+    let run = |dpo: &DpoLoss| {
+        let mut grad = vec![0.0f32; inputs.logits.len()];
+        let out = dpo.forward_backward(&batch, &mut grad).expect("forward");
+        let mut all = vec![out.loss.to_bits()];
+        all.extend(out.losses.iter().map(|x| x.to_bits()));
+        all.extend(out.chosen_logps.iter().map(|x| x.to_bits()));
+        all.extend(out.rejected_logps.iter().map(|x| x.to_bits()));
+        all.extend(out.metrics.named().iter().map(|(_, x)| x.to_bits()));
+        all.extend(grad.iter().map(|x| x.to_bits()));
+        all
+    };
+    for backend in backends() {
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let want = run(&dpo);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8).map(|_| scope.spawn(|| run(&dpo))).collect();
+            for (i, handle) in handles.into_iter().enumerate() {
+                let got = handle.join().expect("thread panicked");
+                assert!(got == want, "{}: thread {i} differs", backend.name);
+            }
+        });
+    }
 }
