@@ -56,21 +56,23 @@ struct LossArgs {
     /// Write loss, per-pair outputs and policy_logits_grad (F32) to this safetensors file.
     #[arg(long, value_name = "OUT")]
     output: Option<PathBuf>,
+    // Numeric flags take negative values, so that `--beta -1` reaches the range check and
+    // gets its error message instead of clap's "unexpected argument".
     /// Inverse temperature beta > 0 [default: the file's `beta` metadata, else 0.1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     beta: Option<f32>,
     /// Label value that masks a position out [default: the file's `ignore_index`, else -100].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_negative_numbers = true)]
     ignore_index: Option<i64>,
     /// True vocabulary size V <= W [default: the file's `vocab_size`, else W].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     vocab_size: Option<usize>,
     /// Loss family member.
     #[arg(long, value_enum, default_value = "sigmoid")]
     loss: LossArg,
     /// Label-smoothing rate for sigmoid and robust losses [default: the file's
     /// `label_smoothing`, else 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     label_smoothing: Option<f32>,
     /// Divide each sequence log-prob by its number of valid positions.
     #[arg(long)]
@@ -118,9 +120,10 @@ fn build_config(args: &LossArgs, file: &BatchFile) -> Result<DpoConfig> {
         LossArg::Ipo | LossArg::Hinge if label_smoothing != 0.0 => {
             return Err(Error::InvalidParameter {
                 name: "label_smoothing",
-                value: label_smoothing as f64,
+                // Widened through the shortest decimal, so that 0.1 reads `0.1`.
+                value: label_smoothing.to_string().parse().unwrap_or(f64::NAN),
                 expected: "0 for ipo and hinge losses (only sigmoid and robust use it)",
-            })
+            });
         }
         LossArg::Ipo => LossKind::Ipo,
         LossArg::Hinge => LossKind::Hinge,
