@@ -159,6 +159,16 @@ pub enum Error {
         detail: String,
     },
 
+    /// An output path cannot be written: its directory is missing, it is a directory, or it
+    /// is the input file.
+    #[error("invalid output path {path}: {detail}")]
+    InvalidOutputPath {
+        /// The path.
+        path: String,
+        /// The problem and the fix.
+        detail: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("cannot access {path}: {source}")]
     Io {

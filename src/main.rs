@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use dpo_kernels::io::{read_batch, write_outputs, BatchFile, LabelsData, LogitsData};
+use dpo_kernels::io::{
+    check_output_path, read_batch, write_outputs, BatchFile, LabelsData, LogitsData,
+};
 use dpo_kernels::{
     Batch, Device, DpoConfig, DpoLoss, DpoOutput, Element, Error, Label, LossKind, Result,
 };
@@ -139,6 +141,9 @@ fn build_config(args: &LossArgs, file: &BatchFile) -> Result<DpoConfig> {
 }
 
 fn run_loss(args: &LossArgs) -> Result<()> {
+    if let Some(output) = &args.output {
+        check_output_path(output, &args.input)?;
+    }
     let file = read_batch(&args.input, args.vocab_size)?;
     let config = build_config(args, &file)?;
     let device = match args.device {

@@ -1,6 +1,6 @@
 //! The `dpo-kernels loss` command on bad input: every failure prints one `error:` line on
 //! stderr, nothing on stdout, exits non-zero and never panics. The batch files are written
-//! here, in a scratch folder under cargo's `CARGO_TARGET_TMPDIR`.
+//! here, in a scratch directory under cargo's `CARGO_TARGET_TMPDIR`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,14 +9,14 @@ use std::process::{Command, Output};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-/// A scratch folder for one test, emptied when created and removed when dropped.
+/// A scratch directory for one test, emptied when created and removed when dropped.
 struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(test: &str) -> Self {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{test}"));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the scratch folder");
+        std::fs::create_dir_all(&dir).expect("create the scratch directory");
         Scratch(dir)
     }
 
@@ -161,11 +161,11 @@ fn unreadable_inputs() {
         &["cannot access", &missing_name, "No such file"],
     );
 
-    let folder = scratch.0.display().to_string();
+    let directory = scratch.0.display().to_string();
     assert_fails(
-        "a folder",
-        &run(&["--input", &folder]),
-        &["cannot access", &folder],
+        "a directory",
+        &run(&["--input", &directory]),
+        &["cannot access", &directory],
     );
 
     let text = scratch.path("text.safetensors");
@@ -348,6 +348,74 @@ fn negative_ignore_index() {
     );
     let json: serde_json::Value = serde_json::from_str(&stdout).expect("valid JSON");
     assert!(json["loss"].as_f64().is_some_and(f64::is_finite), "{json}");
+}
+
+#[test]
+fn output_path_problems() {
+    let scratch = Scratch::new("output");
+    let path = scratch.path("batch.safetensors");
+    write_batch(&path, &[logits(), labels(), reference()], &[]);
+    let input = path.display().to_string();
+    let original = std::fs::read(&path).unwrap();
+
+    let missing_dir = scratch.path("no/such/dir/out.safetensors");
+    assert_fails(
+        "--output in a missing directory",
+        &run(&[
+            "--input",
+            &input,
+            "--output",
+            &missing_dir.display().to_string(),
+        ]),
+        &["invalid output path", "no/such/dir", "does not exist"],
+    );
+
+    let directory = scratch.0.display().to_string();
+    assert_fails(
+        "--output is a directory",
+        &run(&["--input", &input, "--output", &directory]),
+        &["invalid output path", "is a directory"],
+    );
+
+    // Writing the outputs over the batch would destroy it, by name or through a link.
+    assert_fails(
+        "--output = --input",
+        &run(&["--input", &input, "--output", &input]),
+        &["invalid output path", "is the input file"],
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), original, "the input changed");
+    #[cfg(unix)]
+    {
+        let link = scratch.path("link.safetensors");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let link_name = link.display().to_string();
+        assert_fails(
+            "--output is a link to --input",
+            &run(&["--input", &input, "--output", &link_name]),
+            &["is the input file"],
+        );
+        let hard_link = scratch.path("hard-link.safetensors");
+        std::fs::hard_link(&path, &hard_link).unwrap();
+        assert_fails(
+            "--output is a hard link to --input",
+            &run(&[
+                "--input",
+                &input,
+                "--output",
+                &hard_link.display().to_string(),
+            ]),
+            &["is the input file"],
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), original, "the input changed");
+    }
+
+    // A new file beside the input is fine.
+    let out = scratch.path("out.safetensors");
+    assert_succeeds(
+        "--output beside the input",
+        &run(&["--input", &input, "--output", &out.display().to_string()]),
+    );
+    assert!(out.is_file());
 }
 
 #[test]
