@@ -1,5 +1,6 @@
 //! `dpo-kernels`: run the fused DPO loss on a batch file.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -179,12 +180,25 @@ fn run_typed<T: Element, L: Label>(
         dpo.backward(&batch, &out.state, 1.0, &mut grad)?;
         write_outputs(path, &file.shape, &out, &grad)?;
     }
-    if args.json {
-        println!("{}", report_json(dpo, &out, args.output.as_deref()));
+    let report = if args.json {
+        report_json(dpo, &out, args.output.as_deref()) + "\n"
     } else {
-        print!("{}", report_table(dpo, &out, args.output.as_deref()));
-    }
-    Ok(())
+        report_table(dpo, &out, args.output.as_deref())
+    };
+    write_stdout(&report)
+}
+
+/// Writes the report to stdout. A closed pipe or a full disk becomes an error, where `print!`
+/// would panic.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|source| Error::Io {
+            path: "standard output".to_string(),
+            source,
+        })
 }
 
 fn report_table(dpo: &DpoLoss, out: &DpoOutput, output: Option<&Path>) -> String {

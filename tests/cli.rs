@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -468,4 +468,33 @@ fn zero_positions_file() {
     let written = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let grad = written.tensor("policy_logits_grad").unwrap();
     assert_eq!(grad.shape(), [2, 0, 4]);
+}
+
+/// Runs a good batch with stdout connected to `stdout` and checks for one `error:` line.
+fn assert_stdout_error(context: &str, stdout: Stdio, parts: &[&str]) {
+    let scratch = Scratch::new(&context.replace(' ', "-"));
+    let path = scratch.path("batch.safetensors");
+    write_batch(&path, &[logits(), labels(), reference()], &[]);
+    let output = Command::new(env!("CARGO_BIN_EXE_dpo-kernels"))
+        .args(["loss", "--input", &path.display().to_string()])
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run dpo-kernels");
+    assert_fails(context, &output, parts);
+}
+
+#[test]
+fn stdout_write_failures() {
+    // A reader that has gone away (`dpo-kernels loss ... | head -0`) gives EPIPE, because
+    // Rust programs ignore SIGPIPE.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    assert_stdout_error("closed pipe", Stdio::from(writer), &["standard output"]);
+
+    let full = Path::new("/dev/full");
+    if full.exists() {
+        let file = std::fs::OpenOptions::new().write(true).open(full).unwrap();
+        assert_stdout_error("full device", Stdio::from(file), &["standard output"]);
+    }
 }
