@@ -16,7 +16,9 @@ pub trait Backend {
     ///
     /// Fails before computing anything on an invalid shape, label or parameter, and after the
     /// pass over the logits (which writes nothing a caller owns) on a NaN or +inf logit at a
-    /// valid position.
+    /// valid position. Fails with [`crate::Error::NonFiniteOutput`] when an output would be
+    /// NaN or a finite value beyond the f32 range. An infinite output is returned as is,
+    /// because it is exact: only a sequence log-prob of -inf produces one.
     fn forward<T: Element, L: Label>(
         &self,
         batch: &Batch<'_, T, L>,
@@ -25,6 +27,10 @@ pub trait Backend {
 
     /// Writes `grad_loss * d loss / d logits` into `grad` (`[2B, T, W]`, any element type):
     /// zeros on masked positions and padded columns.
+    ///
+    /// Fails before the first write with [`crate::Error::NonFiniteOutput`] when a row scale
+    /// `grad_loss * c[r]` is not finite in f32. Gradient elements beyond the range of `G`
+    /// round to +-inf, as a cast does, and are never NaN.
     fn backward<T: Element, L: Label, G: Element>(
         &self,
         batch: &Batch<'_, T, L>,

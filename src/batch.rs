@@ -48,22 +48,41 @@ impl BatchShape {
     }
 
     /// Returns the number of sequences 2B.
+    ///
+    /// This count and the two below saturate at `usize::MAX` instead of overflowing. A shape
+    /// whose counts do not fit fails [`BatchShape::validate`] with [`Error::ShapeOverflow`].
     pub fn sequences(&self) -> usize {
-        2 * self.pairs
+        self.pairs.saturating_mul(2)
     }
 
     /// Returns the number of logits rows 2B * T (one per position).
     pub fn positions(&self) -> usize {
-        self.sequences() * self.seq_len
+        self.sequences().saturating_mul(self.seq_len)
     }
 
     /// Returns the number of logits elements 2B * T * W.
     pub fn logits_len(&self) -> usize {
-        self.positions() * self.row_stride
+        self.positions().saturating_mul(self.row_stride)
     }
 
-    /// Checks the dims on their own: B >= 1 and `1 <= V <= W`.
+    /// Returns 2B * T * W, or `None` when a product overflows `usize`.
+    fn checked_logits_len(&self) -> Option<usize> {
+        self.pairs
+            .checked_mul(2)?
+            .checked_mul(self.seq_len)?
+            .checked_mul(self.row_stride)
+    }
+
+    /// Checks the dims on their own: B >= 1, `1 <= V <= W` and an element count 2B * T * W
+    /// that fits in `usize`.
     pub fn validate(&self) -> Result<()> {
+        if self.checked_logits_len().is_none() {
+            return Err(Error::ShapeOverflow {
+                pairs: self.pairs,
+                seq_len: self.seq_len,
+                row_stride: self.row_stride,
+            });
+        }
         if self.pairs == 0 {
             return Err(Error::EmptyBatch {
                 tensor: "policy_logits",
@@ -116,10 +135,13 @@ impl<'a, T: Element, L: Label> Batch<'a, T, L> {
     }
 }
 
-/// Checks buffer lengths against the shape.
+/// Checks buffer lengths against the shape. An expected length that overflows `usize` matches
+/// no buffer.
 pub(crate) fn check_len(tensor: &'static str, len: usize, expected: &[usize]) -> Result<()> {
-    let want: usize = expected.iter().product();
-    if len != want {
+    let want = expected
+        .iter()
+        .try_fold(1usize, |acc, &dim| acc.checked_mul(dim));
+    if want != Some(len) {
         return Err(Error::ShapeMismatch {
             tensor,
             got: vec![len],

@@ -147,21 +147,32 @@ pub(crate) fn sigmoid(x: f64) -> f64 {
     }
 }
 
-/// Returns `(l(z), l'(z))` for one pair margin `z`, in f64.
+/// Returns `weight * term`, with a zero weight giving 0 even when `term` is infinite.
+fn weighted(weight: f64, term: f64) -> f64 {
+    if weight == 0.0 {
+        0.0
+    } else {
+        weight * term
+    }
+}
+
+/// Returns `(l(z), l'(z))` for one pair margin `z`, in f64. An infinite `z` (a sequence
+/// log-prob of -inf) gives the limit of `l`. A term whose weight is 0, such as the
+/// label-smoothing term at `eps = 0`, stays 0 there instead of becoming `0 * inf = NaN`.
 pub(crate) fn pair_loss(config: &DpoConfig, z: f64) -> (f64, f64) {
     let beta = config.beta as f64;
     let u = beta * z;
     match config.loss {
         LossKind::Sigmoid { label_smoothing } => {
             let eps = label_smoothing as f64;
-            let loss = (1.0 - eps) * softplus(-u) + eps * softplus(u);
+            let loss = weighted(1.0 - eps, softplus(-u)) + weighted(eps, softplus(u));
             let grad = beta * (-(1.0 - eps) * sigmoid(-u) + eps * sigmoid(u));
             (loss, grad)
         }
         LossKind::Robust { label_smoothing } => {
             let eps = label_smoothing as f64;
             let norm = 1.0 - 2.0 * eps;
-            let loss = ((1.0 - eps) * softplus(-u) - eps * softplus(u)) / norm;
+            let loss = (weighted(1.0 - eps, softplus(-u)) - weighted(eps, softplus(u))) / norm;
             let grad = beta * (-(1.0 - eps) * sigmoid(-u) - eps * sigmoid(u)) / norm;
             (loss, grad)
         }

@@ -6,7 +6,7 @@ use crate::config::DpoConfig;
 use crate::cpu::Cpu;
 use crate::cuda::Cuda;
 use crate::dtype::{Element, Label};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::output::{DpoOutput, ForwardState};
 
 /// Where to run.
@@ -111,6 +111,11 @@ impl DpoLoss {
     }
 
     /// Writes `grad_loss * d loss / d logits` into `grad`. See [`Backend::backward`].
+    ///
+    /// `state` must come from this loss's forward on the same batch. A state from a loss with
+    /// another config fails with [`Error::StateMismatch`], and the shape, buffer lengths and
+    /// label range are checked again. The logit values, and which positions are masked, are
+    /// not compared with the forward's, so other logits or labels give a meaningless gradient.
     pub fn backward<T: Element, L: Label, G: Element>(
         &self,
         batch: &Batch<'_, T, L>,
@@ -118,6 +123,7 @@ impl DpoLoss {
         grad_loss: f32,
         grad: &mut [G],
     ) -> Result<()> {
+        self.check_config(state)?;
         match &self.engine {
             Engine::Cpu(cpu) => cpu.backward(batch, state, grad_loss, grad),
             Engine::Cuda(cuda) => cuda.backward(batch, state, grad_loss, grad),
@@ -125,6 +131,11 @@ impl DpoLoss {
     }
 
     /// Overwrites the logits with their gradient. See [`Backend::backward_in_place`].
+    ///
+    /// The checks are those of [`DpoLoss::backward`]. After this call the logits hold the
+    /// gradient, so a second backward with the same state reads the gradient as logits.
+    // NOTE: the state does not record that an in-place backward consumed it, so that second
+    // call is not detected.
     pub fn backward_in_place<T: Element, L: Label>(
         &self,
         shape: BatchShape,
@@ -133,10 +144,28 @@ impl DpoLoss {
         state: &ForwardState,
         grad_loss: f32,
     ) -> Result<()> {
+        self.check_config(state)?;
         match &self.engine {
             Engine::Cpu(cpu) => cpu.backward_in_place(shape, logits, labels, state, grad_loss),
             Engine::Cuda(cuda) => cuda.backward_in_place(shape, logits, labels, state, grad_loss),
         }
+    }
+
+    /// Checks that `state` comes from a forward with this loss's config. The backends read
+    /// the config from the state, so without this check a backward on another loss would
+    /// silently return the gradient of the forward's loss.
+    fn check_config(&self, state: &ForwardState) -> Result<()> {
+        if state.config() != self.config {
+            return Err(Error::StateMismatch {
+                detail: format!(
+                    "the forward ran with {:?}, this loss has {:?}; call backward on the \
+                     DpoLoss that ran the forward",
+                    state.config(),
+                    self.config
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Runs the forward and the backward with `grad_loss = 1`, writing the gradient into `grad`.

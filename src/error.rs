@@ -40,6 +40,20 @@ pub enum Error {
         expected: Vec<usize>,
     },
 
+    /// The element count 2B * T * W of the logits does not fit in `usize`.
+    #[error(
+        "invalid shape: policy_logits [2B, T, W] with B = {pairs}, T = {seq_len}, W = \
+         {row_stride} has more than usize::MAX elements, so no buffer can hold it; check the dims"
+    )]
+    ShapeOverflow {
+        /// Number of pairs B.
+        pairs: usize,
+        /// Positions per sequence T.
+        seq_len: usize,
+        /// Row stride W.
+        row_stride: usize,
+    },
+
     /// The vocabulary size is 0 or larger than the row stride.
     #[error(
         "invalid vocabulary size {vocab}: it must be in [1, {row_stride}] (the row stride of \
@@ -94,6 +108,19 @@ pub enum Error {
         value: f32,
     },
 
+    /// A forward output or a backward row scale is NaN or beyond the f32 range although every
+    /// input passed its checks. The causes are log-probs of -inf (target logits of -inf), an
+    /// extreme beta, grad_loss or reference_logps.
+    #[error("non-finite output: {output} = {value:e}: {detail}")]
+    NonFiniteOutput {
+        /// Output name, with the pair index for per-pair outputs (`losses[3]`).
+        output: String,
+        /// The value in f64, before rounding to f32.
+        value: f64,
+        /// The cause and the fix.
+        detail: String,
+    },
+
     /// A scalar parameter is out of its range.
     #[error("invalid {name} = {value}: expected {expected}")]
     InvalidParameter {
@@ -129,6 +156,16 @@ pub enum Error {
         /// File path.
         path: String,
         /// What is wrong and how to fix it.
+        detail: String,
+    },
+
+    /// An output path cannot be written: its directory is missing, it is a directory, or it
+    /// is the input file.
+    #[error("invalid output path {path}: {detail}")]
+    InvalidOutputPath {
+        /// The path.
+        path: String,
+        /// The problem and the fix.
         detail: String,
     },
 

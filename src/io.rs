@@ -188,6 +188,57 @@ pub fn read_batch(path: &Path, vocab_override: Option<usize>) -> Result<BatchFil
     })
 }
 
+/// Checks an output path before any work: its directory must exist, it must not be a
+/// directory, and it must not be the input file, which writing the outputs would replace. A
+/// path that reaches the input through a symbolic or hard link counts as the input.
+pub fn check_output_path(output: &Path, input: &Path) -> Result<()> {
+    let invalid = |detail: String| Error::InvalidOutputPath {
+        path: output.display().to_string(),
+        detail,
+    };
+    if output.is_dir() {
+        return Err(invalid(
+            "it is a directory; name a file in it, such as out.safetensors".to_string(),
+        ));
+    }
+    let directory = match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    if !directory.is_dir() {
+        return Err(invalid(format!(
+            "its directory {} does not exist; create it first",
+            directory.display()
+        )));
+    }
+    if is_same_file(output, input) {
+        return Err(invalid(
+            "it is the input file, which the outputs would replace; choose another path"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Returns true when both paths exist and name one file.
+#[cfg(unix)]
+fn is_same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Returns true when both paths exist and resolve to one path (hard links are not detected).
+#[cfg(not(unix))]
+fn is_same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Writes the forward outputs and the f32 logits gradient to a safetensors file.
 pub fn write_outputs(
     path: &Path,

@@ -1,10 +1,13 @@
 //! `dpo-kernels`: run the fused DPO loss on a batch file.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use dpo_kernels::io::{read_batch, write_outputs, BatchFile, LabelsData, LogitsData};
+use dpo_kernels::io::{
+    check_output_path, read_batch, write_outputs, BatchFile, LabelsData, LogitsData,
+};
 use dpo_kernels::{
     Batch, Device, DpoConfig, DpoLoss, DpoOutput, Element, Error, Label, LossKind, Result,
 };
@@ -59,21 +62,23 @@ struct LossArgs {
     /// Write loss, per-pair outputs and policy_logits_grad (F32) to this safetensors file.
     #[arg(long, value_name = "OUT")]
     output: Option<PathBuf>,
+    // Numeric flags take negative values, so that `--beta -1` reaches the range check and
+    // gets its error message instead of clap's "unexpected argument".
     /// Inverse temperature beta > 0 [default: the file's `beta` metadata, else 0.1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     beta: Option<f32>,
     /// Label value that masks a position out [default: the file's `ignore_index`, else -100].
-    #[arg(long, allow_hyphen_values = true)]
+    #[arg(long, allow_negative_numbers = true)]
     ignore_index: Option<i64>,
     /// True vocabulary size V <= W [default: the file's `vocab_size`, else W].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     vocab_size: Option<usize>,
     /// Loss family member.
     #[arg(long, value_enum, default_value = "sigmoid")]
     loss: LossArg,
     /// Label-smoothing rate for sigmoid and robust losses [default: the file's
     /// `label_smoothing`, else 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     label_smoothing: Option<f32>,
     /// Divide each sequence log-prob by its number of valid positions.
     #[arg(long)]
@@ -124,9 +129,10 @@ fn build_config(args: &LossArgs, file: &BatchFile) -> Result<DpoConfig> {
         LossArg::Ipo | LossArg::Hinge if label_smoothing != 0.0 => {
             return Err(Error::InvalidParameter {
                 name: "label_smoothing",
-                value: label_smoothing as f64,
+                // Widened through the shortest decimal, so that 0.1 reads `0.1`.
+                value: label_smoothing.to_string().parse().unwrap_or(f64::NAN),
                 expected: "0 for ipo and hinge losses (only sigmoid and robust use it)",
-            })
+            });
         }
         LossArg::Ipo => LossKind::Ipo,
         LossArg::Hinge => LossKind::Hinge,
@@ -142,6 +148,9 @@ fn build_config(args: &LossArgs, file: &BatchFile) -> Result<DpoConfig> {
 }
 
 fn run_loss(args: &LossArgs) -> Result<()> {
+    if let Some(output) = &args.output {
+        check_output_path(output, &args.input)?;
+    }
     let file = read_batch(&args.input, args.vocab_size)?;
     let config = build_config(args, &file)?;
     let device = match args.device {
@@ -177,12 +186,25 @@ fn run_typed<T: Element, L: Label>(
         dpo.backward(&batch, &out.state, 1.0, &mut grad)?;
         write_outputs(path, &file.shape, &out, &grad)?;
     }
-    if args.json {
-        println!("{}", report_json(dpo, &out, args.output.as_deref()));
+    let report = if args.json {
+        report_json(dpo, &out, args.output.as_deref()) + "\n"
     } else {
-        print!("{}", report_table(dpo, &out, args.output.as_deref()));
-    }
-    Ok(())
+        report_table(dpo, &out, args.output.as_deref())
+    };
+    write_stdout(&report)
+}
+
+/// Writes the report to stdout. A closed pipe or a full disk becomes an error, where `print!`
+/// would panic.
+fn write_stdout(text: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|source| Error::Io {
+            path: "standard output".to_string(),
+            source,
+        })
 }
 
 fn report_table(dpo: &DpoLoss, out: &DpoOutput, output: Option<&Path>) -> String {

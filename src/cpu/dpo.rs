@@ -3,6 +3,7 @@
 
 use crate::batch::{BatchShape, Metrics};
 use crate::config::{pair_loss, DpoConfig};
+use crate::error::{Error, Result};
 
 /// Per-sequence masked sums `[2B]`, in f64.
 pub(crate) struct SequenceSums {
@@ -26,12 +27,16 @@ pub(crate) struct PairStep {
 
 /// Computes losses, rewards, metrics and `c[r]` from the sequence sums. Sums run in index
 /// order, so the result does not depend on thread count.
+///
+/// Fails with [`Error::NonFiniteOutput`] when an output would be NaN or a finite value beyond
+/// the f32 range. NaN comes from log-probs of -inf on both sides of a pair, or from margins of
+/// +inf and -inf in one mean. Overflow comes from an extreme beta or reference_logps.
 pub(crate) fn pair_step(
     shape: &BatchShape,
     config: &DpoConfig,
     sums: &SequenceSums,
     reference: Option<&[f32]>,
-) -> PairStep {
+) -> Result<PairStep> {
     let b = shape.pairs;
     let beta = config.beta as f64;
     let reference_of = |r: usize| reference.map_or(0.0, |v| v[r] as f64);
@@ -57,10 +62,21 @@ pub(crate) fn pair_step(
     for i in 0..b {
         let chosen = seq_logp[i] - reference_of(i);
         let rejected = seq_logp[b + i] - reference_of(b + i);
-        let (loss, dz) = pair_loss(config, chosen - rejected);
+        let margin = chosen - rejected;
+        if margin.is_nan() {
+            return Err(Error::NonFiniteOutput {
+                output: format!("margin of pair {i}"),
+                value: margin,
+                detail: "the chosen and the rejected sequence both have log-prob -inf (a \
+                         target logit of -inf at a valid position), so their difference is \
+                         undefined; mask those positions or fix the model output"
+                    .to_string(),
+            });
+        }
+        let (loss, dz) = pair_loss(config, margin);
         loss_sum += loss;
-        losses.push(loss as f32);
-        dloss_dmargin.push(dz as f32);
+        losses.push(loss);
+        dloss_dmargin.push(dz);
         chosen_rewards.push(beta * chosen);
         rejected_rewards.push(beta * rejected);
         if beta * chosen > beta * rejected {
@@ -96,27 +112,64 @@ pub(crate) fn pair_step(
         .zip(&rejected_rewards)
         .map(|(c, r)| c - r)
         .collect();
+    let output = |name: &str, value: f64| output_f32(|| name.to_string(), value, config.beta);
     let metrics = Metrics {
-        rewards_chosen: rewards_chosen as f32,
-        rewards_rejected: rewards_rejected as f32,
+        rewards_chosen: output("rewards/chosen", rewards_chosen)?,
+        rewards_rejected: output("rewards/rejected", rewards_rejected)?,
         rewards_accuracy: (correct as f64 / b as f64) as f32,
-        rewards_margin: mean(&margins) as f32,
-        logps_chosen: mean(&seq_logp[..b]) as f32,
-        logps_rejected: mean(&seq_logp[b..]) as f32,
-        logits_chosen: logits_mean(0..b) as f32,
-        logits_rejected: logits_mean(b..2 * b) as f32,
+        rewards_margin: output("rewards/margins", mean(&margins))?,
+        logps_chosen: output("logps/chosen", mean(&seq_logp[..b]))?,
+        logps_rejected: output("logps/rejected", mean(&seq_logp[b..]))?,
+        logits_chosen: output("logits/chosen", logits_mean(0..b))?,
+        logits_rejected: output("logits/rejected", logits_mean(b..2 * b))?,
     };
 
-    let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-    PairStep {
-        loss: (loss_sum / b as f64) as f32,
-        losses,
-        chosen_logps: to_f32(&seq_logp[..b]),
-        rejected_logps: to_f32(&seq_logp[b..]),
-        chosen_rewards: to_f32(&chosen_rewards),
-        rejected_rewards: to_f32(&rejected_rewards),
-        dloss_dmargin,
+    let outputs = |name: &str, values: &[f64]| -> Result<Vec<f32>> {
+        let named = |i: usize| move || format!("{name}[{i}]");
+        (values.iter().enumerate())
+            .map(|(i, &value)| output_f32(named(i), value, config.beta))
+            .collect()
+    };
+    Ok(PairStep {
+        loss: output("loss", loss_sum / b as f64)?,
+        losses: outputs("losses", &losses)?,
+        chosen_logps: outputs("chosen_logps", &seq_logp[..b])?,
+        rejected_logps: outputs("rejected_logps", &seq_logp[b..])?,
+        chosen_rewards: outputs("chosen_rewards", &chosen_rewards)?,
+        rejected_rewards: outputs("rejected_rewards", &rejected_rewards)?,
+        dloss_dmargin: outputs("dloss_dmargin", &dloss_dmargin)?,
         metrics,
         seq_coef,
+    })
+}
+
+/// Rounds the f64 value of the output `name` to f32.
+///
+/// An infinite value passes unchanged: only a sequence log-prob of -inf produces one, and then
+/// it is the exact answer. NaN, left only by a mean over pairs whose margins are +inf and
+/// -inf, and a finite value beyond the f32 range fail with [`Error::NonFiniteOutput`].
+fn output_f32(name: impl FnOnce() -> String, value: f64, beta: f32) -> Result<f32> {
+    let rounded = value as f32;
+    if value.is_nan() {
+        return Err(Error::NonFiniteOutput {
+            output: name(),
+            value,
+            detail: "it averages pairs whose margins are +inf and -inf (sequence log-probs of \
+                     -inf from target logits of -inf), so it is undefined; mask those positions \
+                     or fix the model output"
+                .to_string(),
+        });
     }
+    if value.is_finite() && !rounded.is_finite() {
+        return Err(Error::NonFiniteOutput {
+            output: name(),
+            value,
+            detail: format!(
+                "it is beyond the f32 range (max {:e}); reduce beta = {beta:?} or check \
+                 reference_logps and the logits for extreme values",
+                f32::MAX
+            ),
+        });
+    }
+    Ok(rounded)
 }

@@ -108,7 +108,7 @@ impl Backend for Cpu {
         }
 
         // 4. Losses, rewards, metrics and c[r].
-        let step = pair_step(&shape, config, &sums, batch.reference_logps);
+        let step = pair_step(&shape, config, &sums, batch.reference_logps)?;
         saved.seq_coef = step.seq_coef;
         Ok(DpoOutput {
             loss: step.loss,
@@ -144,6 +144,7 @@ impl Backend for Cpu {
             Some(grad.len()),
         )?;
         let saved = host_saved(state)?;
+        check_gradient_scale(grad_loss, &saved.seq_coef)?;
         let (t, v, w) = (shape.seq_len, shape.vocab, shape.row_stride);
         let ignore_index = state.config.ignore_index;
         grad.par_chunks_mut(w)
@@ -171,6 +172,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         validate_backward(&shape, logits.len(), labels, state, grad_loss, None)?;
         let saved = host_saved(state)?;
+        check_gradient_scale(grad_loss, &saved.seq_coef)?;
         let (t, v, w) = (shape.seq_len, shape.vocab, shape.row_stride);
         let ignore_index = state.config.ignore_index;
         logits
@@ -187,6 +189,31 @@ impl Backend for Cpu {
             });
         Ok(())
     }
+}
+
+/// Checks that every row scale `grad_loss * c[r]` is finite in f32, as the backward forms it.
+/// An infinite scale would write inf, and `inf * 0 = NaN` where a softmax term is 0. It is
+/// infinite when the product overflows, or when `c[r]` is (IPO at a margin of +-inf).
+fn check_gradient_scale(grad_loss: f32, seq_coef: &[f32]) -> Result<()> {
+    let Some(r) = seq_coef.iter().position(|&c| !(grad_loss * c).is_finite()) else {
+        return Ok(());
+    };
+    let coef = seq_coef[r];
+    let detail = if coef.is_finite() {
+        format!(
+            "grad_loss = {grad_loss:?} times d loss / d logp = {coef:?} is beyond the f32 \
+             range; pass a smaller grad_loss"
+        )
+    } else {
+        "d loss / d logp is infinite, because the IPO loss has no finite gradient at a margin \
+         of +-inf (a log-prob of -inf); mask the positions whose target logit is -inf"
+            .to_string()
+    };
+    Err(Error::NonFiniteOutput {
+        output: format!("gradient scale of sequence {r}"),
+        value: grad_loss as f64 * coef as f64,
+        detail,
+    })
 }
 
 /// Returns the host state, or an error when the forward ran on another backend.

@@ -91,7 +91,7 @@ const LANES: usize = 8;
 
 /// Reduces one chunk of converted logits: `(max, sum of x)`, and whether all are `< +inf`.
 #[inline(always)]
-fn chunk_max_and_sum(xs: &[f32; CHUNK]) -> (f32, f32, bool) {
+fn chunk_max_and_sum(xs: &[f32; CHUNK]) -> (f32, f64, bool) {
     let mut lane_max = [f32::NEG_INFINITY; LANES];
     let mut lane_sum = [0.0f32; LANES];
     let mut lane_ok = [true; LANES];
@@ -104,7 +104,8 @@ fn chunk_max_and_sum(xs: &[f32; CHUNK]) -> (f32, f32, bool) {
         }
     }
     let max = lane_max.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    (max, lane_sum.iter().sum(), lane_ok.iter().all(|&ok| ok))
+    let sum: f32 = lane_sum.iter().sum();
+    (max, sum as f64, lane_ok.iter().all(|&ok| ok))
 }
 
 /// Sums `exp(x - max)` over one chunk: an elementwise pass (which the loop vectorizer takes)
@@ -169,14 +170,19 @@ fn row_forward_body<T: Element>(row: &[T], target: usize) -> Result<RowStats, Ro
             *dst = src.to_f32();
         }
         buf[chunk.len()..].fill(f32::NEG_INFINITY);
-        let (chunk_max, chunk_logits, finite_or_neg_inf) = if chunk.len() == CHUNK {
+        let (chunk_max, mut chunk_logits, finite_or_neg_inf) = if chunk.len() == CHUNK {
             chunk_max_and_sum(&buf)
         } else {
             let xs = &buf[..chunk.len()];
             let max = xs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let ok = xs.iter().all(|&x| x < f32::INFINITY);
-            (max, xs.iter().sum(), ok)
+            (max, xs.iter().sum::<f32>() as f64, ok)
         };
+        // Logits near f32::MAX overflow an f32 partial sum to +-inf (NaN when lanes meet), so
+        // sum such a chunk again in f64. A -inf logit gives -inf either way.
+        if !chunk_logits.is_finite() {
+            chunk_logits = buf[..chunk.len()].iter().map(|&x| x as f64).sum();
+        }
 
         // 2. NaN and +inf fail `x < inf`; find the column only on that rare path.
         if !finite_or_neg_inf {
@@ -202,14 +208,15 @@ fn row_forward_body<T: Element>(row: &[T], target: usize) -> Result<RowStats, Ro
         if max > f32::NEG_INFINITY {
             sum += chunk_exp_sum(&buf, max) as f64;
         }
-        logit_sum += chunk_logits as f64;
+        logit_sum += chunk_logits;
     }
     if max == f32::NEG_INFINITY {
         return Err(RowFault::AllNegInf);
     }
     let log_sum = sum.ln();
+    // x_y - m in f64: in f32 it is -inf when x_y = -f32::MAX and m = f32::MAX.
     let target_logit = row[target].to_f32();
-    let logp = (target_logit - max) as f64 - log_sum;
+    let logp = (target_logit as f64 - max as f64) - log_sum;
     Ok(RowStats {
         logp,
         logit_sum,
