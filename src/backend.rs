@@ -78,3 +78,28 @@ pub(crate) fn validate_backward<L: Label>(
     }
     Ok(())
 }
+
+/// Checks that every row scale `grad_loss * c[r]` is finite in f32, as the backward forms it.
+/// An infinite scale would write inf, and `inf * 0 = NaN` where a softmax term is 0. It is
+/// infinite when the product overflows, or when `c[r]` is (IPO at a margin of +-inf).
+pub(crate) fn check_gradient_scale(grad_loss: f32, seq_coef: &[f32]) -> Result<()> {
+    let Some(r) = seq_coef.iter().position(|&c| !(grad_loss * c).is_finite()) else {
+        return Ok(());
+    };
+    let coef = seq_coef[r];
+    let detail = if coef.is_finite() {
+        format!(
+            "grad_loss = {grad_loss:?} times d loss / d logp = {coef:?} is beyond the f32 \
+             range; pass a smaller grad_loss"
+        )
+    } else {
+        "d loss / d logp is infinite, because the IPO loss has no finite gradient at a margin \
+         of +-inf (a log-prob of -inf); mask the positions whose target logit is -inf"
+            .to_string()
+    };
+    Err(Error::NonFiniteOutput {
+        output: format!("gradient scale of sequence {r}"),
+        value: grad_loss as f64 * coef as f64,
+        detail,
+    })
+}

@@ -72,6 +72,7 @@ mod engine;
 mod error;
 pub mod io;
 mod output;
+mod pairs;
 
 pub use backend::Backend;
 pub use batch::{Batch, BatchShape, Metrics};

@@ -6,12 +6,13 @@ mod token_logps;
 
 use rayon::prelude::*;
 
-use crate::backend::{validate_backward, Backend};
+use crate::backend::{check_gradient_scale, validate_backward, Backend};
 use crate::batch::{validate_labels_and_lengths, Batch, BatchShape};
 use crate::config::DpoConfig;
 use crate::dtype::{Element, Label};
 use crate::error::{Error, Result};
 use crate::output::{DpoOutput, ForwardState, HostSaved, Saved};
+use crate::pairs::round_pair_values;
 
 pub(crate) use dpo::{pair_step, SequenceSums};
 pub(crate) use token_logps::RowFault;
@@ -108,8 +109,9 @@ impl Backend for Cpu {
         }
 
         // 4. Losses, rewards, metrics and c[r].
-        let step = pair_step(&shape, config, &sums, batch.reference_logps)?;
-        saved.seq_coef = step.seq_coef;
+        let (values, seq_coef) = pair_step(&shape, config, &sums, batch.reference_logps);
+        let step = round_pair_values(&values, config)?;
+        saved.seq_coef = seq_coef;
         Ok(DpoOutput {
             loss: step.loss,
             losses: step.losses,
@@ -189,31 +191,6 @@ impl Backend for Cpu {
             });
         Ok(())
     }
-}
-
-/// Checks that every row scale `grad_loss * c[r]` is finite in f32, as the backward forms it.
-/// An infinite scale would write inf, and `inf * 0 = NaN` where a softmax term is 0. It is
-/// infinite when the product overflows, or when `c[r]` is (IPO at a margin of +-inf).
-fn check_gradient_scale(grad_loss: f32, seq_coef: &[f32]) -> Result<()> {
-    let Some(r) = seq_coef.iter().position(|&c| !(grad_loss * c).is_finite()) else {
-        return Ok(());
-    };
-    let coef = seq_coef[r];
-    let detail = if coef.is_finite() {
-        format!(
-            "grad_loss = {grad_loss:?} times d loss / d logp = {coef:?} is beyond the f32 \
-             range; pass a smaller grad_loss"
-        )
-    } else {
-        "d loss / d logp is infinite, because the IPO loss has no finite gradient at a margin \
-         of +-inf (a log-prob of -inf); mask the positions whose target logit is -inf"
-            .to_string()
-    };
-    Err(Error::NonFiniteOutput {
-        output: format!("gradient scale of sequence {r}"),
-        value: grad_loss as f64 * coef as f64,
-        detail,
-    })
 }
 
 /// Returns the host state, or an error when the forward ran on another backend.

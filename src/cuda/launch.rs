@@ -16,6 +16,7 @@ use super::params::{
 };
 use super::runtime::{DeviceElement, KernelRuntime};
 use super::source::{DPO, TOKEN_LOGPS};
+use crate::backend::check_gradient_scale;
 use crate::batch::{BatchShape, Metrics};
 use crate::config::DpoConfig;
 use crate::cpu::RowFault;
@@ -33,6 +34,8 @@ pub(crate) struct SavedBuffers<R: KernelRuntime> {
     pub row_log_sum: R::Buffer<f32>,
     /// `c[r]` per sequence `[2B]`, for an upstream gradient of 1.
     pub seq_coef: R::Buffer<f32>,
+    /// A host copy of `seq_coef`, so the backward checks its row scales before any launch.
+    pub seq_coef_host: Vec<f32>,
 }
 
 impl<R: KernelRuntime> std::fmt::Debug for SavedBuffers<R> {
@@ -266,6 +269,7 @@ impl<R: KernelRuntime> Launcher<R> {
             row_max: rt.alloc::<f32>(positions)?,
             row_log_sum: rt.alloc::<f32>(positions)?,
             seq_coef: rt.alloc::<f32>(sequences)?,
+            seq_coef_host: vec![0.0; sequences],
         };
         let target_logp = rt.address(ensure(rt, &mut ws.target_logp, positions)?);
         let logit_sum = rt.address(ensure(rt, &mut ws.logit_sum, positions)?);
@@ -336,7 +340,11 @@ impl<R: KernelRuntime> Launcher<R> {
         }
         let mut out = vec![0.0f32; params::pair_out_len(b)];
         rt.download(ws.pair_out.as_ref().expect("allocated in step 1"), &mut out)?;
-        Ok(unpack_pair_out(&out, b, saved))
+        let mut saved = saved;
+        rt.download(&saved.seq_coef, &mut saved.seq_coef_host)?;
+        let result = unpack_pair_out(&out, b, saved);
+        check_pair_outputs(&result, config)?;
+        Ok(result)
     }
 
     /// Uploads a host batch and writes `grad_loss * d loss / d logits` into `grad`.
@@ -429,6 +437,7 @@ impl<R: KernelRuntime> Launcher<R> {
         entry: &str,
         grad_loss: f32,
     ) -> Result<()> {
+        check_gradient_scale(grad_loss, &saved.seq_coef_host)?;
         let rt = &self.runtime;
         let positions = shape.positions();
         let split = params::token_logps_split(positions, shape.vocab);
@@ -497,6 +506,87 @@ fn fault_error(shape: &BatchShape, config: &DpoConfig, report: &[i64; FAULT_REPO
         position,
         detail: fault.describe(),
     }
+}
+
+/// Applies the CPU backend's output rules to the pair kernel's f32 results.
+///
+/// A margin is NaN exactly when both sequences of a pair have log-prob -inf (log-probs are
+/// never +inf and reference log-probs are finite), which fails as on the CPU. Any other NaN
+/// fails too. An infinite output is accepted only when some sequence log-prob is -inf, where
+/// it is the exact answer. Otherwise it is an f32 overflow, which the CPU backend (computing in
+/// f64) reports as a value beyond the f32 range.
+fn check_pair_outputs<R: KernelRuntime>(
+    result: &ForwardResult<R>,
+    config: &DpoConfig,
+) -> Result<()> {
+    let pairs = result.chosen_logps.len();
+    for i in 0..pairs {
+        let chosen = result.chosen_logps[i];
+        let rejected = result.rejected_logps[i];
+        if chosen == f32::NEG_INFINITY && rejected == f32::NEG_INFINITY {
+            return Err(Error::NonFiniteOutput {
+                output: format!("margin of pair {i}"),
+                value: f64::NAN,
+                detail: "the chosen and the rejected sequence both have log-prob -inf (a \
+                         target logit of -inf at a valid position), so their difference is \
+                         undefined; mask those positions or fix the model output"
+                    .to_string(),
+            });
+        }
+    }
+    let any_neg_inf_logp = result
+        .chosen_logps
+        .iter()
+        .chain(&result.rejected_logps)
+        .any(|&x| x == f32::NEG_INFINITY);
+    let metrics = result.metrics.named();
+    let named_values = [
+        ("loss", std::slice::from_ref(&result.loss)),
+        ("losses", result.losses.as_slice()),
+        ("chosen_rewards", result.chosen_rewards.as_slice()),
+        ("rejected_rewards", result.rejected_rewards.as_slice()),
+        ("dloss_dmargin", result.dloss_dmargin.as_slice()),
+    ]
+    .into_iter()
+    .chain(
+        metrics
+            .iter()
+            .map(|(name, value)| (*name, std::slice::from_ref(value))),
+    );
+    for (name, values) in named_values {
+        for (i, &value) in values.iter().enumerate() {
+            let output = if values.len() == 1 {
+                name.to_string()
+            } else {
+                format!("{name}[{i}]")
+            };
+            if value.is_nan() {
+                return Err(Error::NonFiniteOutput {
+                    output,
+                    value: f64::NAN,
+                    detail: "it averages pairs whose margins are +inf and -inf (sequence \
+                             log-probs of -inf from target logits of -inf), so it is undefined; \
+                             mask those positions or fix the model output"
+                        .to_string(),
+                });
+            }
+            // A -inf logit at a valid position makes a mean-logit metric -inf, as on the CPU.
+            let logits_metric = name.starts_with("logits/");
+            if value.is_infinite() && !any_neg_inf_logp && !logits_metric {
+                return Err(Error::NonFiniteOutput {
+                    output,
+                    value: value as f64,
+                    detail: format!(
+                        "it is beyond the f32 range (max {:e}); reduce beta = {:?} or check \
+                         reference_logps and the logits for extreme values",
+                        f32::MAX,
+                        config.beta
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Splits the packed `pair_out` buffer (layout `PAIR_OUT_*` of common.cuh) into outputs.
