@@ -37,13 +37,13 @@ typedef unsigned long long uint64_t;
 #define TOKEN_STATUS_ALL_NEG_INF 4
 #define TOKEN_STATUS_BAD_LABEL 5
 
-// Layout of DpoPairsParams::pair_out, in units of B floats, then the metrics block.
+// Layout of DpoPairsParams::pair_out (f64), in units of B values, then the metrics block.
 #define PAIR_OUT_LOSSES 0
 #define PAIR_OUT_DLOSS_DMARGIN 1
 #define PAIR_OUT_CHOSEN_REWARDS 2
 #define PAIR_OUT_REJECTED_REWARDS 3
-#define PAIR_OUT_SEQ_LOGPS 4 // 2B floats: chosen rows then rejected rows
-#define PAIR_OUT_METRICS 6   // METRIC_COUNT floats after the 6B per-pair floats
+#define PAIR_OUT_SEQ_LOGPS 4 // 2B values: chosen rows then rejected rows
+#define PAIR_OUT_METRICS 6   // METRIC_COUNT values after the 6B per-pair values
 
 #define METRIC_LOSS 0
 #define METRIC_REWARDS_CHOSEN 1
@@ -71,8 +71,8 @@ struct TokenLogpsFwdParams {
     const void* labels;   // [P] L, read
     float* row_max;       // [P] f32, written: m = max_{v<V} x[p, v]
     float* row_log_sum;   // [P] f32, written: log(sum_{v<V} exp(x[p, v] - m))
-    float* target_logp;   // [P] f32, written: (x[p, y] - m) - log_sum
-    float* logit_sum;     // [P] f32, written: sum_{v<V} x[p, v]
+    double* target_logp;  // [P] f64, written: (x[p, y] - m) - log(sum exp(x - m))
+    double* logit_sum;    // [P] f64, written: sum_{v<V} x[p, v]
     int64_t* fault_info;  // [P] i64, written: faulty column (NaN, +inf) or bad label, else -1
     int32_t* status;      // [P] i32, written: TOKEN_STATUS_*
     int64_t ignore_index; // label value that masks a position out
@@ -85,14 +85,14 @@ struct TokenLogpsFwdParams {
 
 /// Arguments of dpo_pairs_fwd: the per-sequence sums and the pair step of the forward.
 struct DpoPairsParams {
-    const float* target_logp;     // [P] f32, read where status == VALID
-    const float* logit_sum;       // [P] f32, read where status == VALID
+    const double* target_logp;    // [P] f64, read where status == VALID
+    const double* logit_sum;      // [P] f64, read where status == VALID
     const int32_t* status;        // [P] i32, read
     const int64_t* fault_info;    // [P] i64, read at the first faulty position
     const float* reference_logps; // [2B] f32, read; null means reference-free (all 0)
     float* seq_coef;              // [2B] f32, written: c[r] = d loss / d seq_logp[r]
     int32_t* seq_valid;           // [2B] i32, written: valid positions per sequence
-    float* pair_out;              // [6B + METRIC_COUNT] f32, written: see PAIR_OUT_*
+    double* pair_out;             // [6B + METRIC_COUNT] f64, written: see PAIR_OUT_*
     int64_t* fault_report;        // [FAULT_REPORT_LEN] i64, written: see FAULT_REPORT_*
     int64_t pairs;                // B
     int64_t seq_len;              // T
@@ -234,12 +234,19 @@ __device__ __forceinline__ void for_each_column(int64_t n, int64_t head, int lan
     }
 }
 
-/// Running log-softmax state of one row: max `m`, `sum = sum exp(x - m)`, the plain logit sum
-/// and the lowest column holding NaN or +inf (NO_FAULT_COLUMN when none).
+/// Scale of SoftmaxAcc::logit_sum_scaled. Summing x * 2^-32 instead of x keeps the f32 sum
+/// finite for any logits (V * FLT_MAX * 2^-32 < FLT_MAX for V < 2^32) at the cost of one FMA
+/// per element. Scaling by a power of two is exact except for |x| < 2^-94, whose total effect
+/// on a sum stays below V * 2^-126.
+#define LOGIT_SUM_SCALE 2.3283064365386963e-10f // 2^-32
+#define LOGIT_SUM_UNSCALE 4294967296.0         // 2^32
+
+/// Running log-softmax state of one row: max `m`, `sum = sum exp(x - m)`, the logit sum times
+/// LOGIT_SUM_SCALE and the lowest column holding NaN or +inf (NO_FAULT_COLUMN when none).
 struct SoftmaxAcc {
     float max;
     float sum;
-    float logit_sum;
+    float logit_sum_scaled;
     int64_t fault_col;
 };
 
@@ -249,7 +256,7 @@ __device__ __forceinline__ SoftmaxAcc softmax_acc_empty()
     SoftmaxAcc acc;
     acc.max = -positive_inf();
     acc.sum = 0.0f;
-    acc.logit_sum = 0.0f;
+    acc.logit_sum_scaled = 0.0f;
     acc.fault_col = NO_FAULT_COLUMN;
     return acc;
 }
@@ -269,7 +276,7 @@ __device__ __forceinline__ void softmax_acc_add(SoftmaxAcc& acc, const float (&x
             acc.fault_col = col0 + i;
         }
         chunk_max = fmaxf(chunk_max, x[i]);
-        acc.logit_sum += x[i];
+        acc.logit_sum_scaled = fmaf(x[i], LOGIT_SUM_SCALE, acc.logit_sum_scaled);
     }
     if (chunk_max > acc.max) {
         acc.sum *= expf(acc.max - chunk_max);
@@ -294,7 +301,7 @@ __device__ __forceinline__ SoftmaxAcc softmax_acc_merge(const SoftmaxAcc& a, con
     } else {
         out.sum = a.sum * expf(a.max - out.max) + b.sum * expf(b.max - out.max);
     }
-    out.logit_sum = a.logit_sum + b.logit_sum;
+    out.logit_sum_scaled = a.logit_sum_scaled + b.logit_sum_scaled;
     out.fault_col = a.fault_col < b.fault_col ? a.fault_col : b.fault_col;
     return out;
 }
@@ -305,7 +312,7 @@ __device__ __forceinline__ SoftmaxAcc shfl_xor(const SoftmaxAcc& a, int mask)
     SoftmaxAcc out;
     out.max = __shfl_xor_sync(0xffffffffu, a.max, mask);
     out.sum = __shfl_xor_sync(0xffffffffu, a.sum, mask);
-    out.logit_sum = __shfl_xor_sync(0xffffffffu, a.logit_sum, mask);
+    out.logit_sum_scaled = __shfl_xor_sync(0xffffffffu, a.logit_sum_scaled, mask);
     out.fault_col = __shfl_xor_sync(0xffffffffu, a.fault_col, mask);
     return out;
 }

@@ -11,11 +11,11 @@
 // Computes: per position p with label y = labels[p] != ignore_index, in one pass over the row
 //   m[p]        = max_{v<V} x[p, v]
 //   log_sum[p]  = log(sum_{v<V} exp(x[p, v] - m[p]))
-//   logp[p]     = (x[p, y] - m[p]) - log_sum[p]
-//   logit_sum[p] = sum_{v<V} x[p, v]
+//   logp[p]     = (x[p, y] - m[p]) - log_sum[p]      (formed in f64)
+//   logit_sum[p] = sum_{v<V} x[p, v]                (stored in f64)
 // Shapes: P = 2B * T positions, V vocabulary, W >= V row stride. Read: logits [P, W] T and
-//   labels [P] L. Written for every position, masked ones included: row_max, row_log_sum,
-//   target_logp, logit_sum [P] f32, fault_info [P] i64 and status [P] i32.
+//   labels [P] L. Written for every position, masked ones included: row_max, row_log_sum
+//   [P] f32, target_logp, logit_sum [P] f64, fault_info [P] i64 and status [P] i32.
 // Strides: row p starts at element p * W (int64); columns are contiguous. Rows need not be
 //   16-byte aligned: each row is split at its own first 16-byte boundary.
 // Grid: V > 1024: one block of 256 threads per row (512 when V > 16384), so a 128k row is
@@ -23,13 +23,16 @@
 //   costs two __syncthreads. V <= 1024: one warp per row, 8 rows per 256-thread block, so
 //   short rows do not idle a whole block and reduce with shuffles only. Rows are visited in
 //   a grid-stride loop, so any P fits in the grid.
-// Traffic: reads V * sizeof(T) per valid row plus P * sizeof(L) of labels; writes 28 bytes
+// Traffic: reads V * sizeof(T) per valid row plus P * sizeof(L) of labels; writes 36 bytes
 //   per position. Masked rows are not read.
-// Numerics: f32 throughout. Each thread keeps an online (max, sum) and rescales its sum once
-//   per 16-byte pack that raises the max; partials merge by rescaling to the larger max. The
-//   target log-prob is formed as (x_y - m) - log(s), never x_y - lse, so large logits lose no
-//   digits. A row whose real columns are all -inf gets status ALL_NEG_INF; NaN and +inf give
-//   status NAN / POS_INF with the lowest such column in fault_info (its outputs are then
+// Numerics: f32 per element. Each thread keeps an online (max, sum) and rescales its sum
+//   once per 16-byte pack that raises the max; partials merge by rescaling to the larger max.
+//   The target log-prob is formed as (x_y - m) - log(s), never x_y - lse, so large logits lose
+//   no digits. That last step runs in f64 once per row, so a log-prob beyond the f32 range
+//   (logits near +-FLT_MAX) reaches the pair kernel finite and is reported as an overflow, as
+//   on the CPU. The logit sum is accumulated as x * 2^-32 (LOGIT_SUM_SCALE), so it cannot
+//   overflow. A row whose real columns are all -inf gets status ALL_NEG_INF. NaN and +inf
+//   give status NAN / POS_INF with the lowest such column in fault_info (its outputs are then
 //   meaningless). A label outside [0, V) that is not ignore_index gives BAD_LABEL and is not
 //   used as an index.
 // LIMIT: logits must be aligned to sizeof(T); blockDim.x must be a multiple of 32, <= 1024.
@@ -49,8 +52,8 @@ __device__ __forceinline__ void token_logps_fwd_row(const TokenLogpsFwdParams& p
         if (lane == 0) {
             p.row_max[pos] = 0.0f;
             p.row_log_sum[pos] = 0.0f;
-            p.target_logp[pos] = 0.0f;
-            p.logit_sum[pos] = 0.0f;
+            p.target_logp[pos] = 0.0;
+            p.logit_sum[pos] = 0.0;
             p.fault_info[pos] = masked ? -1 : y;
             p.status[pos] = masked ? TOKEN_STATUS_MASKED : TOKEN_STATUS_BAD_LABEL;
         }
@@ -82,7 +85,7 @@ __device__ __forceinline__ void token_logps_fwd_row(const TokenLogpsFwdParams& p
         return;
     }
     float log_sum = 0.0f;
-    float logp = 0.0f;
+    double logp = 0.0;
     int32_t status = TOKEN_STATUS_VALID;
     int64_t info = -1;
     if (acc.fault_col != NO_FAULT_COLUMN) {
@@ -91,13 +94,14 @@ __device__ __forceinline__ void token_logps_fwd_row(const TokenLogpsFwdParams& p
     } else if (acc.max == -positive_inf()) {
         status = TOKEN_STATUS_ALL_NEG_INF;
     } else {
-        log_sum = logf(acc.sum);
-        logp = (to_f32(row[y]) - acc.max) - log_sum;
+        const double log_sum_f64 = log(double(acc.sum));
+        log_sum = float(log_sum_f64);
+        logp = (double(to_f32(row[y])) - double(acc.max)) - log_sum_f64;
     }
     p.row_max[pos] = acc.max;
     p.row_log_sum[pos] = log_sum;
     p.target_logp[pos] = logp;
-    p.logit_sum[pos] = acc.logit_sum;
+    p.logit_sum[pos] = double(acc.logit_sum_scaled) * LOGIT_SUM_UNSCALE;
     p.fault_info[pos] = info;
     p.status[pos] = status;
 }

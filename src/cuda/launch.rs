@@ -23,6 +23,7 @@ use crate::cpu::RowFault;
 use crate::dtype::{DType, Element, Label};
 use crate::error::{Error, Result};
 use crate::output::DpoOutput;
+use crate::pairs::{round_pair_values, PairValues};
 
 /// Per-row and per-sequence device buffers a forward leaves for its backward: O(2B * T).
 pub(crate) struct SavedBuffers<R: KernelRuntime> {
@@ -110,12 +111,12 @@ struct Workspace<R: KernelRuntime> {
     labels: Option<R::Buffer<u8>>,
     grad: Option<R::Buffer<u8>>,
     reference: Option<R::Buffer<f32>>,
-    target_logp: Option<R::Buffer<f32>>,
-    logit_sum: Option<R::Buffer<f32>>,
+    target_logp: Option<R::Buffer<f64>>,
+    logit_sum: Option<R::Buffer<f64>>,
     fault_info: Option<R::Buffer<i64>>,
     status: Option<R::Buffer<i32>>,
     seq_valid: Option<R::Buffer<i32>>,
-    pair_out: Option<R::Buffer<f32>>,
+    pair_out: Option<R::Buffer<f64>>,
     fault_report: Option<R::Buffer<i64>>,
 }
 
@@ -338,13 +339,22 @@ impl<R: KernelRuntime> Launcher<R> {
         if report[FAULT_REPORT_POSITION] >= 0 {
             return Err(fault_error(shape, config, &report));
         }
-        let mut out = vec![0.0f32; params::pair_out_len(b)];
+        let mut out = vec![0.0f64; params::pair_out_len(b)];
         rt.download(ws.pair_out.as_ref().expect("allocated in step 1"), &mut out)?;
         let mut saved = saved;
         rt.download(&saved.seq_coef, &mut saved.seq_coef_host)?;
-        let result = unpack_pair_out(&out, b, saved);
-        check_pair_outputs(&result, config)?;
-        Ok(result)
+        let outputs = round_pair_values(&unpack_pair_out(&out, b), config)?;
+        Ok(ForwardResult {
+            loss: outputs.loss,
+            losses: outputs.losses,
+            chosen_logps: outputs.chosen_logps,
+            rejected_logps: outputs.rejected_logps,
+            chosen_rewards: outputs.chosen_rewards,
+            rejected_rewards: outputs.rejected_rewards,
+            dloss_dmargin: outputs.dloss_dmargin,
+            metrics: outputs.metrics,
+            saved,
+        })
     }
 
     /// Uploads a host batch and writes `grad_loss * d loss / d logits` into `grad`.
@@ -508,114 +518,27 @@ fn fault_error(shape: &BatchShape, config: &DpoConfig, report: &[i64; FAULT_REPO
     }
 }
 
-/// Applies the CPU backend's output rules to the pair kernel's f32 results.
-///
-/// A margin is NaN exactly when both sequences of a pair have log-prob -inf (log-probs are
-/// never +inf and reference log-probs are finite), which fails as on the CPU. Any other NaN
-/// fails too. An infinite output is accepted only when some sequence log-prob is -inf, where
-/// it is the exact answer. Otherwise it is an f32 overflow, which the CPU backend (computing in
-/// f64) reports as a value beyond the f32 range.
-fn check_pair_outputs<R: KernelRuntime>(
-    result: &ForwardResult<R>,
-    config: &DpoConfig,
-) -> Result<()> {
-    let pairs = result.chosen_logps.len();
-    for i in 0..pairs {
-        let chosen = result.chosen_logps[i];
-        let rejected = result.rejected_logps[i];
-        if chosen == f32::NEG_INFINITY && rejected == f32::NEG_INFINITY {
-            return Err(Error::NonFiniteOutput {
-                output: format!("margin of pair {i}"),
-                value: f64::NAN,
-                detail: "the chosen and the rejected sequence both have log-prob -inf (a \
-                         target logit of -inf at a valid position), so their difference is \
-                         undefined; mask those positions or fix the model output"
-                    .to_string(),
-            });
-        }
-    }
-    let any_neg_inf_logp = result
-        .chosen_logps
-        .iter()
-        .chain(&result.rejected_logps)
-        .any(|&x| x == f32::NEG_INFINITY);
-    let metrics = result.metrics.named();
-    let named_values = [
-        ("loss", std::slice::from_ref(&result.loss)),
-        ("losses", result.losses.as_slice()),
-        ("chosen_rewards", result.chosen_rewards.as_slice()),
-        ("rejected_rewards", result.rejected_rewards.as_slice()),
-        ("dloss_dmargin", result.dloss_dmargin.as_slice()),
-    ]
-    .into_iter()
-    .chain(
-        metrics
-            .iter()
-            .map(|(name, value)| (*name, std::slice::from_ref(value))),
-    );
-    for (name, values) in named_values {
-        for (i, &value) in values.iter().enumerate() {
-            let output = if values.len() == 1 {
-                name.to_string()
-            } else {
-                format!("{name}[{i}]")
-            };
-            if value.is_nan() {
-                return Err(Error::NonFiniteOutput {
-                    output,
-                    value: f64::NAN,
-                    detail: "it averages pairs whose margins are +inf and -inf (sequence \
-                             log-probs of -inf from target logits of -inf), so it is undefined; \
-                             mask those positions or fix the model output"
-                        .to_string(),
-                });
-            }
-            // A -inf logit at a valid position makes a mean-logit metric -inf, as on the CPU.
-            let logits_metric = name.starts_with("logits/");
-            if value.is_infinite() && !any_neg_inf_logp && !logits_metric {
-                return Err(Error::NonFiniteOutput {
-                    output,
-                    value: value as f64,
-                    detail: format!(
-                        "it is beyond the f32 range (max {:e}); reduce beta = {:?} or check \
-                         reference_logps and the logits for extreme values",
-                        f32::MAX,
-                        config.beta
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Splits the packed `pair_out` buffer (layout `PAIR_OUT_*` of common.cuh) into outputs.
-fn unpack_pair_out<R: KernelRuntime>(
-    out: &[f32],
-    b: usize,
-    saved: SavedBuffers<R>,
-) -> ForwardResult<R> {
+/// Splits the packed `pair_out` buffer (layout `PAIR_OUT_*` of common.cuh) into the pair
+/// step's f64 values.
+fn unpack_pair_out(out: &[f64], b: usize) -> PairValues {
     let section = |index: usize, len: usize| out[index * b..index * b + len].to_vec();
-    let seq_logps = section(params::PAIR_OUT_SEQ_LOGPS, 2 * b);
     let m = &out[params::PAIR_OUT_METRICS * b..];
-    ForwardResult {
+    PairValues {
         loss: m[params::METRIC_LOSS],
         losses: section(params::PAIR_OUT_LOSSES, b),
-        chosen_logps: seq_logps[..b].to_vec(),
-        rejected_logps: seq_logps[b..].to_vec(),
+        dloss_dmargin: section(params::PAIR_OUT_DLOSS_DMARGIN, b),
         chosen_rewards: section(params::PAIR_OUT_CHOSEN_REWARDS, b),
         rejected_rewards: section(params::PAIR_OUT_REJECTED_REWARDS, b),
-        dloss_dmargin: section(params::PAIR_OUT_DLOSS_DMARGIN, b),
-        metrics: Metrics {
-            rewards_chosen: m[params::METRIC_REWARDS_CHOSEN],
-            rewards_rejected: m[params::METRIC_REWARDS_REJECTED],
-            rewards_accuracy: m[params::METRIC_REWARDS_ACCURACY],
-            rewards_margin: m[params::METRIC_REWARDS_MARGIN],
-            logps_chosen: m[params::METRIC_LOGPS_CHOSEN],
-            logps_rejected: m[params::METRIC_LOGPS_REJECTED],
-            logits_chosen: m[params::METRIC_LOGITS_CHOSEN],
-            logits_rejected: m[params::METRIC_LOGITS_REJECTED],
-        },
-        saved,
+        seq_logps: section(params::PAIR_OUT_SEQ_LOGPS, 2 * b),
+        metrics: [
+            m[params::METRIC_REWARDS_CHOSEN],
+            m[params::METRIC_REWARDS_REJECTED],
+            m[params::METRIC_REWARDS_ACCURACY],
+            m[params::METRIC_REWARDS_MARGIN],
+            m[params::METRIC_LOGPS_CHOSEN],
+            m[params::METRIC_LOGPS_REJECTED],
+            m[params::METRIC_LOGITS_CHOSEN],
+            m[params::METRIC_LOGITS_REJECTED],
+        ],
     }
 }
