@@ -141,7 +141,9 @@ mod emulator {
             let expanded = match expand.try_expand() {
                 Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
                 Err(e) => panic!(
-                    "preprocessing {} for the emulator failed: {e}",
+                    "preprocessing {} for the emulator failed: {e}. The `emulator` feature \
+                     compiles the kernels with a host C++17 compiler: install g++ (or set CXX), \
+                     or run `cargo test` without `--features emulator`",
                     source.display()
                 ),
             };

@@ -150,6 +150,10 @@ impl MeanTime {
 
     /// Prints achieved GB/s for `bytes` per call and its share of the host copy bandwidth.
     fn print(&self, id: &str, bytes: u64) {
+        // `--list` and filtered-out benchmarks take no samples.
+        if self.calls.get() == 0 {
+            return;
+        }
         let seconds = self.total.get().as_secs_f64() / self.calls.get().max(1) as f64;
         let achieved = bytes as f64 / seconds / 1e9;
         let peak = host_copy_gbps();

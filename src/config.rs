@@ -53,8 +53,6 @@ impl LossKind {
     }
 
     /// Returns the code passed to the CUDA pair kernel (`DPO_LOSS_*` in `kernels/common.cuh`).
-    // TODO: drop the allow once the CUDA backend, its only caller, is merged.
-    #[allow(dead_code)]
     pub(crate) fn kernel_code(self) -> i32 {
         match self {
             LossKind::Sigmoid { .. } => 0,
@@ -75,7 +73,9 @@ pub struct DpoConfig {
     /// Label value that masks a position out (PyTorch and TRL use -100).
     pub ignore_index: i64,
     /// Divide each sequence log-prob by its number of valid positions (IPO as TRL runs it,
-    /// SimPO-style objectives). A sequence with no valid position keeps log-prob 0.
+    /// SimPO-style objectives). A sequence with no valid position keeps log-prob 0. The
+    /// reference log-probs must then be normalised the same way, since the crate uses them as
+    /// given.
     pub length_normalize: bool,
 }
 

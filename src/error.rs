@@ -196,6 +196,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// NVRTC or the CUDA headers are missing, for a command that compiles kernels without a
+    /// device.
+    #[error("NVRTC is unavailable: {reason}")]
+    NvrtcUnavailable {
+        /// What is missing, with what to install or set.
+        reason: String,
+    },
+
     /// A CUDA driver call failed.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] cudarc::driver::DriverError),

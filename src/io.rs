@@ -271,5 +271,19 @@ pub fn write_outputs(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(safetensors_error)?;
-    safetensors::serialize_to_file(views, None, path).map_err(safetensors_error)
+    safetensors::serialize_to_file(views, None, path).map_err(safetensors_error)?;
+
+    // serialize_to_file writes a private temporary file (mode 0600) and renames it, so give
+    // the output the usual mode of a data file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(
+            |source| Error::Io {
+                path: path.display().to_string(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
 }

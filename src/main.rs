@@ -25,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Compute the DPO loss, metrics and gradient of a safetensors batch file.
+    /// Compute the DPO loss and metrics of a safetensors batch file, and with --output its
+    /// gradient.
     Loss(LossArgs),
     /// Compile every CUDA kernel with NVRTC (no GPU needed) and print each entry's registers,
     /// shared memory and spills; fails on a compile error or a spill.
@@ -80,7 +81,8 @@ struct LossArgs {
     /// `label_smoothing`, else 0].
     #[arg(long, allow_negative_numbers = true)]
     label_smoothing: Option<f32>,
-    /// Divide each sequence log-prob by its number of valid positions.
+    /// Divide each sequence log-prob by its number of valid positions (reference_logps must be
+    /// normalised the same way).
     #[arg(long)]
     length_normalize: bool,
     /// Backend.
@@ -115,9 +117,13 @@ fn build_config(args: &LossArgs, file: &BatchFile) -> Result<DpoConfig> {
         Some(beta) => beta,
         None => file.metadata_value("beta", path)?.unwrap_or(0.1),
     };
+    // The file's label_smoothing describes a sigmoid or robust run; ipo and hinge have no
+    // smoothing, so only an explicit flag can conflict with them.
+    let smoothing_loss = matches!(args.loss, LossArg::Sigmoid | LossArg::Robust);
     let label_smoothing = match args.label_smoothing {
         Some(eps) => eps,
-        None => file.metadata_value("label_smoothing", path)?.unwrap_or(0.0),
+        None if smoothing_loss => file.metadata_value("label_smoothing", path)?.unwrap_or(0.0),
+        None => 0.0,
     };
     let ignore_index = match args.ignore_index {
         Some(index) => index,
@@ -215,13 +221,13 @@ fn report_table(dpo: &DpoLoss, out: &DpoOutput, output: Option<&Path>) -> String
     line("loss_type", config.loss.name().to_string());
     line("beta", config.beta.to_string());
     line("pairs", out.losses.len().to_string());
-    line("loss", format!("{:.9}", out.loss));
+    line("loss", out.loss.to_string());
     for (name, value) in out.metrics.named() {
-        line(name, format!("{value:.9}"));
+        line(name, value.to_string());
     }
     let list = |v: &[f32]| {
         v.iter()
-            .map(|x| format!("{x:.6}"))
+            .map(|x| x.to_string())
             .collect::<Vec<_>>()
             .join(" ")
     };
@@ -236,9 +242,11 @@ fn report_table(dpo: &DpoLoss, out: &DpoOutput, output: Option<&Path>) -> String
     text
 }
 
-/// JSON numbers cannot be NaN or infinite; those become strings ("inf", "NaN").
+/// JSON numbers cannot be NaN or infinite; those become strings ("inf", "NaN"). Finite values
+/// are widened through their shortest decimal form, so an f32 0.1 prints as 0.1.
 fn json_number(value: f32) -> serde_json::Value {
-    serde_json::Number::from_f64(value as f64)
+    let widened: f64 = value.to_string().parse().unwrap_or(f64::NAN);
+    serde_json::Number::from_f64(widened)
         .map(serde_json::Value::Number)
         .unwrap_or_else(|| serde_json::Value::String(value.to_string()))
 }

@@ -71,8 +71,6 @@ pub(crate) enum Saved {
     /// CPU backend: host vectors.
     Host(HostSaved),
     /// CUDA backend: device buffers.
-    // TODO: drop the allow once the CUDA backend, which builds this variant, is merged.
-    #[allow(dead_code)]
     Cuda(crate::cuda::DeviceSaved),
 }
 

@@ -102,7 +102,11 @@ pub fn check_kernels(archs: &[&str], include_dirs: &[PathBuf]) -> Result<Vec<Ker
 /// registers, shared memory, stack and spills.
 pub fn run_check_kernels(args: &CheckKernelsArgs, out: &mut dyn Write) -> Result<()> {
     let archs: Vec<&str> = args.archs.iter().map(String::as_str).collect();
-    let reports = check_kernels(&archs, &args.include_dirs)?;
+    // Missing NVRTC or headers are "no device" to a backend, but this command needs no device.
+    let reports = check_kernels(&archs, &args.include_dirs).map_err(|err| match err {
+        Error::NoDevice { reason } => Error::NvrtcUnavailable { reason },
+        other => other,
+    })?;
     let io_error = |source| Error::Io {
         path: "<output>".to_string(),
         source,

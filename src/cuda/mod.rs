@@ -1,9 +1,9 @@
 //! The CUDA backend: hand-written kernels (`kernels/*.cu`) compiled by NVRTC at run time for
 //! the device's architecture, launched through cudarc.
 //!
-//! The launch sequences live in `launch.rs`, generic over [`runtime::KernelRuntime`]; the GPU
+//! The launch sequences live in `launch.rs`, generic over `runtime::KernelRuntime`; the GPU
 //! runtime is `driver.rs`, and the CPU emulator used by tests (feature `emulator`) is `emu.rs`,
-//! selected with [`Cuda::emulated`].
+//! selected with `Cuda::emulated`.
 //!
 //! NOTE: the GPU paths of this module compile and their input checks are tested without a
 //! GPU, but they have not yet run on one. `scripts/gpu-check.sh` runs the GPU checks.

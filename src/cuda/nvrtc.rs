@@ -76,7 +76,16 @@ fn nvrtc_failure(call: &str, err: result::NvrtcError) -> Error {
 /// `$CUDA_PATH/include`, `/usr/local/cuda/include` and the cache that `.ci/kernels` fills.
 pub fn resolve_include_dirs(explicit: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if !explicit.is_empty() {
-        return Ok(explicit.to_vec());
+        if explicit.iter().any(|dir| dir.join("cuda_bf16.h").is_file()) {
+            return Ok(explicit.to_vec());
+        }
+        return Err(Error::NoDevice {
+            reason: format!(
+                "none of the include directories {explicit:?} contains cuda_bf16.h; pass the \
+                 CUDA toolkit's include directory (or nvidia/cuda_runtime/include of the \
+                 nvidia-cuda-runtime-cu12 wheel)"
+            ),
+        });
     }
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Some(dirs) = std::env::var_os(INCLUDE_ENV) {
