@@ -69,6 +69,7 @@ pub(crate) fn validate_backward<L: Label>(
         check_len("policy_logits_grad", len, &dims)?;
     }
     crate::batch::check_labels(shape, labels, state.config.ignore_index)?;
+    state.check_reusable(labels)?;
     if !grad_loss.is_finite() {
         return Err(Error::InvalidParameter {
             name: "grad_loss",

@@ -113,9 +113,10 @@ impl DpoLoss {
     /// Writes `grad_loss * d loss / d logits` into `grad`. See [`Backend::backward`].
     ///
     /// `state` must come from this loss's forward on the same batch. A state from a loss with
-    /// another config fails with [`Error::StateMismatch`], and the shape, buffer lengths and
-    /// label range are checked again. The logit values, and which positions are masked, are
-    /// not compared with the forward's, so other logits or labels give a meaningless gradient.
+    /// another config, a batch of another shape, other labels (compared by a hash), or a state
+    /// whose logits an in-place backward already overwrote fails with [`Error::StateMismatch`].
+    /// Buffer lengths and the label range are checked again. The logit values are not compared
+    /// with the forward's, so other logits give a meaningless gradient.
     pub fn backward<T: Element, L: Label, G: Element>(
         &self,
         batch: &Batch<'_, T, L>,
@@ -133,9 +134,7 @@ impl DpoLoss {
     /// Overwrites the logits with their gradient. See [`Backend::backward_in_place`].
     ///
     /// The checks are those of [`DpoLoss::backward`]. After this call the logits hold the
-    /// gradient, so a second backward with the same state reads the gradient as logits.
-    // NOTE: the state does not record that an in-place backward consumed it, so that second
-    // call is not detected.
+    /// gradient, so the state records that, and any later backward with it fails.
     pub fn backward_in_place<T: Element, L: Label>(
         &self,
         shape: BatchShape,

@@ -2,7 +2,9 @@
 
 use crate::batch::{BatchShape, Metrics};
 use crate::config::DpoConfig;
+use crate::dtype::Label;
 use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Loss, per-pair values and metrics of one forward pass, plus the state for the backward.
 ///
@@ -38,9 +40,64 @@ pub struct ForwardState {
     pub(crate) shape: BatchShape,
     pub(crate) config: DpoConfig,
     pub(crate) saved: Saved,
+    /// [`labels_digest`] of the forward's labels; `None` when they stayed on a device.
+    pub(crate) labels_digest: Option<u64>,
+    /// Set by an in-place backward, after which the logits hold the gradient.
+    pub(crate) consumed_in_place: AtomicBool,
+}
+
+/// Returns an FNV-1a hash of the label values, so a backward can tell that it was given other
+/// labels (another mask) than its forward. O(rows), against O(rows x vocabulary) for the pass.
+pub(crate) fn labels_digest<L: Label>(labels: &[L]) -> u64 {
+    labels.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, y| {
+        (hash ^ y.to_i64() as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl ForwardState {
+    /// Bundles what a backward needs; `labels_digest` is `None` for device-resident labels.
+    pub(crate) fn new(
+        shape: BatchShape,
+        config: DpoConfig,
+        saved: Saved,
+        labels_digest: Option<u64>,
+    ) -> Self {
+        ForwardState {
+            shape,
+            config,
+            saved,
+            labels_digest,
+            consumed_in_place: AtomicBool::new(false),
+        }
+    }
+
+    /// Checks that a backward gets the forward's labels and that no in-place backward has
+    /// overwritten the logits since the forward.
+    pub(crate) fn check_reusable<L: Label>(&self, labels: &[L]) -> Result<()> {
+        if self.consumed_in_place.load(Ordering::Acquire) {
+            return Err(Error::StateMismatch {
+                detail: "an in-place backward already overwrote the logits with their \
+                         gradient; run the forward again before another backward"
+                    .to_string(),
+            });
+        }
+        if let Some(digest) = self.labels_digest {
+            if digest != labels_digest(labels) {
+                return Err(Error::StateMismatch {
+                    detail: "the labels differ from the ones the forward ran on; pass the \
+                             same labels to forward and backward"
+                        .to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that an in-place backward has overwritten the logits.
+    pub(crate) fn mark_consumed_in_place(&self) {
+        self.consumed_in_place.store(true, Ordering::Release);
+    }
+
     /// Returns the shape of the batch the forward ran on.
     pub fn shape(&self) -> BatchShape {
         self.shape

@@ -1019,30 +1019,69 @@ fn backward_twice_is_identical() {
 }
 
 #[test]
-fn state_of_same_shape_batch_is_not_detected() {
-    // A state from another batch of the same shape and config passes every check, and the
-    // backward returns a gradient that is not the gradient of this batch, as the docs of
-    // DpoLoss::backward state. This test pins that no error is raised and nothing is NaN.
+fn state_of_other_labels_rejected() {
+    // A state from another batch of the same shape and config, whose labels differ, fails with
+    // StateMismatch (the state keeps a hash of the forward's labels) and writes nothing.
     let inputs = Inputs::<f32>::round(&small_batch());
     let mut rng = Rng::new(75);
     let other_raw = RawBatch::random(&mut rng, &Spec::new(2, 3, 5).stride(6).masked(0.0));
     let other = Inputs::<f32>::round(&other_raw);
+    assert_ne!(
+        inputs.labels, other.labels,
+        "the two batches must differ in their labels"
+    );
     let batch = Batch::new(inputs.shape, &inputs.logits, &inputs.labels, None);
     let other_batch = Batch::new(other.shape, &other.logits, &other.labels, None);
     for backend in backends() {
         let dpo = backend.open(DpoConfig::new(0.1));
         let state = dpo.forward(&other_batch).expect("forward").state;
-        let own = dpo.forward(&batch).expect("forward").state;
-        let mut grad = vec![0.0f32; inputs.logits.len()];
-        let mut want = vec![0.0f32; inputs.logits.len()];
-        dpo.backward(&batch, &state, 1.0, &mut grad)
-            .expect("backward with another batch's state");
-        dpo.backward(&batch, &own, 1.0, &mut want)
-            .expect("backward");
-        assert!(grad.iter().all(|g| g.is_finite()), "{}", backend.name);
+        let mut grad = vec![7.0f32; inputs.logits.len()];
+        let err = expect_err(backend.name, dpo.backward(&batch, &state, 1.0, &mut grad));
         assert!(
-            grad != want,
-            "{}: the state made no difference",
+            matches!(err, Error::StateMismatch { .. }),
+            "{}: {err:?}",
+            backend.name
+        );
+        assert_message(backend.name, &err, &["labels differ"]);
+        assert!(
+            grad.iter().all(|&g| g == 7.0),
+            "{}: grad was written",
+            backend.name
+        );
+    }
+}
+
+#[test]
+fn backward_after_in_place_rejected() {
+    // After backward_in_place the logits hold the gradient, so the state refuses a second
+    // backward of either kind.
+    let inputs = Inputs::<f32>::round(&small_batch());
+    let batch = Batch::new(inputs.shape, &inputs.logits, &inputs.labels, None);
+    for backend in backends() {
+        let dpo = backend.open(DpoConfig::new(0.1));
+        let out = dpo.forward(&batch).expect("forward");
+        let mut logits = inputs.logits.clone();
+        dpo.backward_in_place(inputs.shape, &mut logits, &inputs.labels, &out.state, 1.0)
+            .expect("first in-place backward");
+        let mut grad = vec![0.0f32; logits.len()];
+        let again = Batch::new(inputs.shape, &logits, &inputs.labels, None);
+        let err = expect_err(
+            backend.name,
+            dpo.backward(&again, &out.state, 1.0, &mut grad),
+        );
+        assert!(
+            matches!(err, Error::StateMismatch { .. }),
+            "{}: {err:?}",
+            backend.name
+        );
+        assert_message(backend.name, &err, &["in-place backward"]);
+        let err = expect_err(
+            backend.name,
+            dpo.backward_in_place(inputs.shape, &mut logits, &inputs.labels, &out.state, 1.0),
+        );
+        assert!(
+            matches!(err, Error::StateMismatch { .. }),
+            "{}: {err:?}",
             backend.name
         );
     }

@@ -11,7 +11,7 @@ use crate::batch::{validate_labels_and_lengths, Batch, BatchShape};
 use crate::config::DpoConfig;
 use crate::dtype::{Element, Label};
 use crate::error::{Error, Result};
-use crate::output::{DpoOutput, ForwardState, HostSaved, Saved};
+use crate::output::{labels_digest, DpoOutput, ForwardState, HostSaved, Saved};
 use crate::pairs::round_pair_values;
 
 pub(crate) use dpo::{pair_step, SequenceSums};
@@ -121,11 +121,12 @@ impl Backend for Cpu {
             rejected_rewards: step.rejected_rewards,
             dloss_dmargin: step.dloss_dmargin,
             metrics: step.metrics,
-            state: ForwardState {
+            state: ForwardState::new(
                 shape,
-                config: *config,
-                saved: Saved::Host(saved),
-            },
+                *config,
+                Saved::Host(saved),
+                Some(labels_digest(batch.labels)),
+            ),
         })
     }
 
@@ -189,6 +190,7 @@ impl Backend for Cpu {
                     row_backward_in_place(row, v, target, stats, coef);
                 }
             });
+        state.mark_consumed_in_place();
         Ok(())
     }
 }

@@ -84,6 +84,7 @@ impl<R: KernelRuntime> ForwardResult<R> {
         self,
         shape: BatchShape,
         config: DpoConfig,
+        labels_digest: Option<u64>,
         wrap: impl FnOnce(SavedBuffers<R>) -> crate::output::Saved,
     ) -> DpoOutput {
         DpoOutput {
@@ -95,11 +96,7 @@ impl<R: KernelRuntime> ForwardResult<R> {
             rejected_rewards: self.rejected_rewards,
             dloss_dmargin: self.dloss_dmargin,
             metrics: self.metrics,
-            state: crate::output::ForwardState {
-                shape,
-                config,
-                saved: wrap(self.saved),
-            },
+            state: crate::output::ForwardState::new(shape, config, wrap(self.saved), labels_digest),
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::batch::{check_len, validate_labels_and_lengths, Batch, BatchShape};
 use crate::config::DpoConfig;
 use crate::dtype::{Element, Label};
 use crate::error::{Error, Result};
-use crate::output::{DpoOutput, ForwardState, Saved};
+use crate::output::{labels_digest, DpoOutput, ForwardState, Saved};
 
 pub use check::{check_kernels, CheckKernelsArgs, KernelReport};
 pub use nvrtc::{resolve_include_dirs, INCLUDE_ENV};
@@ -214,7 +214,7 @@ impl Cuda {
         // SAFETY: `check` verified that each slice belongs to this context and has exactly
         // the length the shape needs. CudaSlice allocations are aligned to 256 bytes.
         let result = unsafe { launcher.forward_device(&shape, config, inputs) }?;
-        Ok(result.into_output(shape, *config, |saved| {
+        Ok(result.into_output(shape, *config, None, |saved| {
             Saved::Cuda(DriverRuntime::wrap(saved))
         }))
     }
@@ -293,7 +293,9 @@ impl Cuda {
                 &entry,
                 grad_loss,
             )
-        }
+        }?;
+        state.mark_consumed_in_place();
+        Ok(())
     }
 }
 
@@ -350,6 +352,8 @@ fn check_context(ours: &Arc<CudaStream>, theirs: &Arc<CudaStream>, tensor: &str)
 /// The backward checks that need no host copy of the labels.
 fn check_device_backward(shape: &BatchShape, state: &ForwardState, grad_loss: f32) -> Result<()> {
     state.check_shape(shape)?;
+    // Device labels are not hashed, so only the in-place check applies.
+    state.check_reusable::<i64>(&[])?;
     if !grad_loss.is_finite() {
         return Err(Error::InvalidParameter {
             name: "grad_loss",
@@ -406,7 +410,8 @@ fn forward_on<R: SavedSlot, T: Element, L: Label>(
         batch.labels,
         batch.reference_logps,
     )?;
-    Ok(result.into_output(shape, *config, |saved| Saved::Cuda(R::wrap(saved))))
+    let digest = Some(labels_digest(batch.labels));
+    Ok(result.into_output(shape, *config, digest, |saved| Saved::Cuda(R::wrap(saved))))
 }
 
 impl Backend for Cuda {
@@ -464,6 +469,8 @@ impl Backend for Cuda {
         with_launcher!(self, launcher => {
             let saved = require_saved(launcher, state)?;
             launcher.backward_host_in_place(&shape, &state.config, saved, logits, labels, grad_loss)
-        })
+        })?;
+        state.mark_consumed_in_place();
+        Ok(())
     }
 }
