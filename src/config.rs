@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 
-/// Which member of the DPO loss family to compute. `u = beta * z` below.
+/// Member of the DPO loss family. `u = beta * z` below.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum LossKind {

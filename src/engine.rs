@@ -9,7 +9,7 @@ use crate::dtype::{Element, Label};
 use crate::error::{Error, Result};
 use crate::output::{DpoOutput, ForwardState};
 
-/// Where to run.
+/// Backend choice for [`DpoLoss::new`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
     /// The rayon CPU backend.
@@ -55,7 +55,7 @@ pub struct DpoLoss {
 
 impl DpoLoss {
     /// Checks the config and opens the backend. With [`Device::Auto`], a missing CUDA driver,
-    /// NVRTC or GPU selects the CPU and [`DpoLoss::fallback_reason`] says why.
+    /// NVRTC or GPU selects the CPU and [`DpoLoss::fallback_reason`] returns the reason.
     pub fn new(config: DpoConfig, device: Device) -> Result<Self> {
         config.validate()?;
         let (engine, fallback_reason) = match device {

@@ -95,7 +95,7 @@ pub enum Error {
         row: usize,
         /// Position in `0..T`.
         position: usize,
-        /// What was found.
+        /// Description of the fault.
         detail: String,
     },
 
@@ -155,7 +155,7 @@ pub enum Error {
     BatchFile {
         /// File path.
         path: String,
-        /// What is wrong and how to fix it.
+        /// The problem and its fix.
         detail: String,
     },
 
@@ -200,7 +200,7 @@ pub enum Error {
     /// device.
     #[error("NVRTC is unavailable: {reason}")]
     NvrtcUnavailable {
-        /// What is missing, with what to install or set.
+        /// The missing library or header, with what to install or set.
         reason: String,
     },
 

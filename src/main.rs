@@ -29,7 +29,7 @@ enum Command {
     /// gradient.
     Loss(LossArgs),
     /// Compile every CUDA kernel with NVRTC (no GPU needed) and print each entry's registers,
-    /// shared memory and spills; fails on a compile error or a spill.
+    /// shared memory and spills. Fails on a compile error or a spill.
     CheckKernels(dpo_kernels::cuda::CheckKernelsArgs),
 }
 

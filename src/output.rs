@@ -1,4 +1,4 @@
-//! What a forward pass returns, and the O(rows) state a backward pass needs.
+//! Forward outputs, and the O(rows) state a backward pass needs.
 
 use crate::batch::{BatchShape, Metrics};
 use crate::config::DpoConfig;
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Loss, per-pair values and metrics of one forward pass, plus the state for the backward.
 ///
 /// Per-pair vectors have length B. `chosen_logps[i]` and `rejected_logps[i]` are the sequence
-/// log-probs of rows `i` and `B + i` (length-normalised when the config asks for it).
+/// log-probs of rows `i` and `B + i` (length-normalised when the config sets `length_normalize`).
 #[derive(Debug)]
 pub struct DpoOutput {
     /// Mean loss over the pairs.
@@ -29,7 +29,7 @@ pub struct DpoOutput {
     pub dloss_dmargin: Vec<f32>,
     /// Batch means a trainer logs.
     pub metrics: Metrics,
-    /// What [`crate::DpoLoss::backward`] needs: O(rows), no logits.
+    /// State for [`crate::DpoLoss::backward`]: O(rows), no logits.
     pub state: ForwardState,
 }
 

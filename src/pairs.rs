@@ -1,5 +1,5 @@
-//! The pair step's outputs in f64 and the one set of rules, shared by every backend, that
-//! rounds them to the f32 values a caller sees.
+//! The pair step's outputs in f64, and the rounding rules that every backend applies to turn
+//! them into the f32 values of [`crate::DpoOutput`].
 
 use crate::batch::Metrics;
 use crate::config::DpoConfig;
@@ -92,7 +92,7 @@ pub(crate) fn round_pair_values(values: &PairValues, config: &DpoConfig) -> Resu
 /// Rounds the f64 value of the output `name` to f32.
 ///
 /// An infinite value passes unchanged: only a sequence log-prob of -inf (or a logit of -inf,
-/// for the mean-logit metrics) produces one, and then it is the exact answer. NaN, left only
+/// for the mean-logit metrics) produces one, and then it is the exact value. NaN, left only
 /// by a mean over pairs whose margins are +inf and -inf, and a finite value beyond the f32
 /// range fail with [`Error::NonFiniteOutput`].
 fn output_f32(name: impl FnOnce() -> String, value: f64, beta: f32) -> Result<f32> {
