@@ -29,7 +29,9 @@ use serde_json::Value;
 /// when the binary runs elsewhere (`scripts/gpu-check.sh` runs staged binaries from the root
 /// of another copy of the repository).
 fn data_dir() -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("data");
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("data");
     if built.is_dir() {
         built
     } else {
