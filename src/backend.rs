@@ -51,6 +51,22 @@ pub trait Backend {
     ) -> Result<()>;
 }
 
+/// Runs every check of a forward that needs no logits value: the config, dims, buffer
+/// lengths, label range and finite reference log-probs.
+pub(crate) fn validate_forward<T: Element, L: Label>(
+    batch: &Batch<'_, T, L>,
+    config: &DpoConfig,
+) -> Result<()> {
+    config.validate()?;
+    crate::batch::validate_labels_and_lengths(
+        &batch.shape,
+        batch.logits.len(),
+        batch.labels,
+        batch.reference_logps,
+        config.ignore_index,
+    )
+}
+
 /// Checks a backward call against its forward state: same shape, buffer lengths, labels in
 /// range and a finite upstream gradient.
 pub(crate) fn validate_backward<L: Label>(

@@ -6,8 +6,8 @@ mod token_logps;
 
 use rayon::prelude::*;
 
-use crate::backend::{check_gradient_scale, validate_backward, Backend};
-use crate::batch::{validate_labels_and_lengths, Batch, BatchShape};
+use crate::backend::{check_gradient_scale, validate_backward, validate_forward, Backend};
+use crate::batch::{Batch, BatchShape};
 use crate::config::DpoConfig;
 use crate::dtype::{Element, Label};
 use crate::error::{Error, Result};
@@ -52,14 +52,7 @@ impl Backend for Cpu {
         config: &DpoConfig,
     ) -> Result<DpoOutput> {
         let shape = batch.shape;
-        config.validate()?;
-        validate_labels_and_lengths(
-            &shape,
-            batch.logits.len(),
-            batch.labels,
-            batch.reference_logps,
-            config.ignore_index,
-        )?;
+        validate_forward(batch, config)?;
         let (t, v, w) = (shape.seq_len, shape.vocab, shape.row_stride);
 
         // 1. One pass over each valid row; masked rows are never read.

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::backend::{validate_backward, Backend};
-use crate::batch::{check_len, validate_labels_and_lengths, Batch, BatchShape};
+use crate::backend::{validate_backward, validate_forward, Backend};
+use crate::batch::{check_len, Batch, BatchShape};
 use crate::config::DpoConfig;
 use crate::dtype::{Element, Label};
 use crate::error::{Error, Result};
@@ -397,14 +397,7 @@ fn forward_on<R: SavedSlot, T: Element, L: Label>(
     config: &DpoConfig,
 ) -> Result<DpoOutput> {
     let shape = batch.shape;
-    config.validate()?;
-    validate_labels_and_lengths(
-        &shape,
-        batch.logits.len(),
-        batch.labels,
-        batch.reference_logps,
-        config.ignore_index,
-    )?;
+    validate_forward(batch, config)?;
     let result = launcher.forward_host(
         &shape,
         config,
