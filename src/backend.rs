@@ -39,6 +39,21 @@ pub trait Backend {
         grad: &mut [G],
     ) -> Result<()>;
 
+    /// Runs the forward, then writes `d loss / d logits` (upstream gradient 1) into `grad`.
+    ///
+    /// Equivalent to [`Backend::forward`] followed by [`Backend::backward`]; a backend may fuse
+    /// them (the CUDA backend then uploads host logits once instead of twice).
+    fn forward_backward<T: Element, L: Label, G: Element>(
+        &self,
+        batch: &Batch<'_, T, L>,
+        config: &DpoConfig,
+        grad: &mut [G],
+    ) -> Result<DpoOutput> {
+        let out = self.forward(batch, config)?;
+        self.backward(batch, &out.state, 1.0, grad)?;
+        Ok(out)
+    }
+
     /// Overwrites `logits` with `grad_loss * d loss / d logits`. Every check runs before the
     /// first write, so an error leaves the logits untouched.
     fn backward_in_place<T: Element, L: Label>(

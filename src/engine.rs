@@ -168,13 +168,15 @@ impl DpoLoss {
     }
 
     /// Runs the forward and the backward with `grad_loss = 1`, writing the gradient into `grad`.
+    /// See [`Backend::forward_backward`].
     pub fn forward_backward<T: Element, L: Label, G: Element>(
         &self,
         batch: &Batch<'_, T, L>,
         grad: &mut [G],
     ) -> Result<DpoOutput> {
-        let out = self.forward(batch)?;
-        self.backward(batch, &out.state, 1.0, grad)?;
-        Ok(out)
+        match &self.engine {
+            Engine::Cpu(cpu) => cpu.forward_backward(batch, &self.config, grad),
+            Engine::Cuda(cuda) => cuda.forward_backward(batch, &self.config, grad),
+        }
     }
 }

@@ -186,12 +186,15 @@ fn run_typed<T: Element, L: Label>(
     labels: &[L],
 ) -> Result<()> {
     let batch = Batch::new(file.shape, logits, labels, file.reference_logps.as_deref());
-    let out = dpo.forward(&batch)?;
-    if let Some(path) = &args.output {
-        let mut grad = vec![0.0f32; file.shape.logits_len()];
-        dpo.backward(&batch, &out.state, 1.0, &mut grad)?;
-        write_outputs(path, &file.shape, &out, &grad)?;
-    }
+    let out = match &args.output {
+        Some(path) => {
+            let mut grad = vec![0.0f32; file.shape.logits_len()];
+            let out = dpo.forward_backward(&batch, &mut grad)?;
+            write_outputs(path, &file.shape, &out, &grad)?;
+            out
+        }
+        None => dpo.forward(&batch)?,
+    };
     let report = if args.json {
         report_json(dpo, &out, args.output.as_deref()) + "\n"
     } else {

@@ -436,6 +436,18 @@ fn grad_buffer_length<T: TestFloat, L: TestLabel>() {
                 grad.iter().all(|g| g.widen() == 7.0),
                 "{context}: the buffer was written"
             );
+
+            // The fused call checks the same buffer.
+            let err = expect_err(&context, dpo.forward_backward(&batch, &mut grad));
+            assert!(
+                matches!(&err, Error::ShapeMismatch { tensor: "policy_logits_grad", got, expected }
+                    if *got == [len] && *expected == [4, 3, 6]),
+                "{context}: forward_backward: {err:?}"
+            );
+            assert!(
+                grad.iter().all(|g| g.widen() == 7.0),
+                "{context}: forward_backward wrote the buffer"
+            );
         }
     }
 }

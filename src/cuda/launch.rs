@@ -205,8 +205,59 @@ impl<R: KernelRuntime> Launcher<R> {
         labels: &[L],
         reference_logps: Option<&[f32]>,
     ) -> Result<ForwardResult<R>> {
+        let mut ws = self.lock_workspace();
+        let inputs = self.upload_inputs(&mut ws, logits, labels, reference_logps)?;
+        // SAFETY: the three input buffers were sized from the validated slices just above.
+        unsafe { self.forward_with(&mut ws, shape, config, inputs) }
+    }
+
+    /// Uploads a host batch once, runs the forward and then the backward with
+    /// `grad_loss = 1` on the same device logits, and downloads the gradient into `grad`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_backward_host<T: Element, L: Label, G: Element>(
+        &self,
+        shape: &BatchShape,
+        config: &DpoConfig,
+        logits: &[T],
+        labels: &[L],
+        reference_logps: Option<&[f32]>,
+        grad: &mut [G],
+    ) -> Result<ForwardResult<R>> {
         let rt = &self.runtime;
         let mut ws = self.lock_workspace();
+        let inputs = self.upload_inputs(&mut ws, logits, labels, reference_logps)?;
+        // SAFETY: the three input buffers were sized from the validated slices just above.
+        let result = unsafe { self.forward_with(&mut ws, shape, config, inputs) }?;
+        let grad_addr = rt.address(ensure(rt, &mut ws.grad, std::mem::size_of_val(grad))?);
+        let entry = params::token_logps_bwd_entry(T::DTYPE, L::NAME, G::DTYPE);
+        // SAFETY: logits and labels are the buffers the forward just read, and grad holds
+        // 2B * T * W elements of G (its length was checked against the shape by the caller).
+        unsafe {
+            self.launch_backward(
+                shape,
+                config,
+                &result.saved,
+                inputs.logits,
+                inputs.labels,
+                grad_addr,
+                &entry,
+                1.0,
+            )
+        }?;
+        let grad_buf = ws.grad.as_ref().expect("allocated above");
+        rt.download(grad_buf, bytemuck::cast_slice_mut(grad))?;
+        Ok(result)
+    }
+
+    /// Copies a host batch into the workspace and returns the device addresses.
+    fn upload_inputs<T: Element, L: Label>(
+        &self,
+        ws: &mut Workspace<R>,
+        logits: &[T],
+        labels: &[L],
+        reference_logps: Option<&[f32]>,
+    ) -> Result<BatchAddresses> {
+        let rt = &self.runtime;
         let logits_addr = upload_bytes(rt, &mut ws.logits, bytemuck::cast_slice(logits))?;
         let labels_addr = upload_bytes(rt, &mut ws.labels, bytemuck::cast_slice(labels))?;
         let reference_addr = match reference_logps {
@@ -217,15 +268,13 @@ impl<R: KernelRuntime> Launcher<R> {
             }
             None => 0,
         };
-        let inputs = BatchAddresses {
+        Ok(BatchAddresses {
             logits: logits_addr,
             labels: labels_addr,
             reference_logps: reference_addr,
             logits_dtype: T::DTYPE,
             label_name: L::NAME,
-        };
-        // SAFETY: the three input buffers were sized from the validated slices just above.
-        unsafe { self.forward_with(&mut ws, shape, config, inputs) }
+        })
     }
 
     /// Runs the forward on inputs already in device memory.

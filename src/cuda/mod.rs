@@ -409,9 +409,40 @@ fn forward_on<R: SavedSlot, T: Element, L: Label>(
     Ok(result.into_output(shape, *config, digest, |saved| Saved::Cuda(R::wrap(saved))))
 }
 
+/// The host-slice forward and backward with one upload, shared by every runtime.
+fn forward_backward_on<R: SavedSlot, T: Element, L: Label, G: Element>(
+    launcher: &Launcher<R>,
+    batch: &Batch<'_, T, L>,
+    config: &DpoConfig,
+    grad: &mut [G],
+) -> Result<DpoOutput> {
+    let shape = batch.shape;
+    validate_forward(batch, config)?;
+    check_len("policy_logits_grad", grad.len(), &logits_dims(&shape))?;
+    let result = launcher.forward_backward_host(
+        &shape,
+        config,
+        batch.logits,
+        batch.labels,
+        batch.reference_logps,
+        grad,
+    )?;
+    let digest = Some(labels_digest(batch.labels));
+    Ok(result.into_output(shape, *config, digest, |saved| Saved::Cuda(R::wrap(saved))))
+}
+
 impl Backend for Cuda {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn forward_backward<T: Element, L: Label, G: Element>(
+        &self,
+        batch: &Batch<'_, T, L>,
+        config: &DpoConfig,
+        grad: &mut [G],
+    ) -> Result<DpoOutput> {
+        with_launcher!(self, launcher => forward_backward_on(launcher, batch, config, grad))
     }
 
     fn forward<T: Element, L: Label>(
