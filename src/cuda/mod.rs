@@ -111,7 +111,8 @@ macro_rules! with_launcher {
 ///
 /// Host slices passed to [`Backend`] methods are copied into device buffers that grow to the
 /// largest batch seen and are reused, so that path holds a device copy of the logits (and of
-/// the gradient), and its backward uploads the logits again. Trainers whose logits are already
+/// the gradient). A separate backward uploads the logits again; [`Backend::forward_backward`]
+/// uploads them once for both passes. Trainers whose logits are already
 /// on the GPU call [`Cuda::forward_device`] and [`Cuda::backward_device`] instead, which copy
 /// nothing large and allocate O(rows) device memory.
 pub struct Cuda {
