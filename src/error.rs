@@ -198,7 +198,7 @@ pub enum Error {
 
     /// NVRTC or the CUDA headers are missing, for a command that compiles kernels without a
     /// device.
-    #[error("NVRTC is unavailable: {reason}")]
+    #[error("cannot compile the kernels: {reason}")]
     NvrtcUnavailable {
         /// The missing library or header, with what to install or set.
         reason: String,

@@ -91,13 +91,15 @@ pub fn read_batch(path: &Path, vocab_override: Option<usize>) -> Result<BatchFil
         path: path.display().to_string(),
         source,
     })?;
-    let safetensors_error = |source| Error::SafeTensors {
-        path: path.display().to_string(),
-        source,
+    let not_safetensors = |source: safetensors::SafeTensorError| {
+        batch_error(
+            path,
+            format!("not a valid safetensors file ({source}); pass a batch written as safetensors"),
+        )
     };
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(safetensors_error)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(not_safetensors)?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let tensors = SafeTensors::deserialize(&bytes).map_err(safetensors_error)?;
+    let tensors = SafeTensors::deserialize(&bytes).map_err(not_safetensors)?;
     let get = |name: &str| {
         tensors.tensor(name).map_err(|_| {
             batch_error(

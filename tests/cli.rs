@@ -173,7 +173,7 @@ fn unreadable_inputs() {
     assert_fails(
         "a text file",
         &run(&["--input", &text.display().to_string()]),
-        &["safetensors error", "text.safetensors"],
+        &["not a valid safetensors file", "text.safetensors"],
     );
 
     let full = scratch.path("full.safetensors");
@@ -185,7 +185,7 @@ fn unreadable_inputs() {
         assert_fails(
             &format!("truncated in the {name}"),
             &run(&["--input", &truncated.display().to_string()]),
-            &["safetensors error", "truncated"],
+            &["not a valid safetensors file", "truncated"],
         );
     }
 }

@@ -40,7 +40,7 @@ pub struct CheckKernelsArgs {
     #[arg(long = "arch", value_delimiter = ',', default_value = "sm_80,sm_90")]
     pub archs: Vec<String>,
     /// Directory holding cuda_fp16.h and cuda_bf16.h (repeatable); found automatically when
-    /// omitted (DPO_CUDA_INCLUDE, CUDA_HOME, CUDA_PATH, /usr/local/cuda).
+    /// omitted (DPO_CUDA_INCLUDE, CUDA_HOME, CUDA_PATH, /usr/local/cuda, the .ci/kernels cache).
     #[arg(long = "include")]
     pub include_dirs: Vec<PathBuf>,
 }

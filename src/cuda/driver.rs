@@ -49,7 +49,7 @@ impl DriverRuntime {
         if !unsafe { driver_sys::is_culib_present() } {
             return Err(Error::NoDevice {
                 reason: "the CUDA driver library (libcuda.so) was not found; install the \
-                         NVIDIA driver, or run on the CPU (--device cpu, Device::Cpu)"
+                         NVIDIA driver (the CPU backend needs none)"
                     .to_string(),
             });
         }
