@@ -26,14 +26,17 @@
 //! The forward reads each valid logits row once (running max, sum of exponentials, target
 //! gather and logit sum together) and keeps O(rows) state; masked rows are never read. The
 //! backward reads each valid row once more and writes every gradient row once, into a new
-//! buffer or over the logits. No buffer of size rows x vocabulary is ever allocated besides
-//! the caller's.
+//! buffer or over the logits. No buffer of size rows x vocabulary is allocated besides the
+//! caller's, except by the CUDA backend when it is given host slices: it then keeps a device
+//! copy of the logits and of the gradient (see [`Cuda`]).
 //!
 //! # Numerics
 //!
-//! All arithmetic is f32 or wider; every log-prob and output is f32, whatever the logits
-//! dtype. The CPU backend sums sequences in f64 in index order, so its outputs are
-//! bit-identical run to run and across thread counts.
+//! All arithmetic is f32 or wider. Log-probs, losses, rewards and metrics are f32 whatever the
+//! logits dtype, and the gradient has the element type of the caller's buffer. Both backends
+//! run the pair step in f64 with fixed reduction orders, so their outputs are bit-identical
+//! run to run (on the CPU also across thread counts), and they share one set of rules that
+//! turns NaN or f32 overflow into an error.
 //!
 //! # A trainer's step
 //!
