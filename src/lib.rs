@@ -34,9 +34,10 @@
 //!
 //! All arithmetic is f32 or wider. Log-probs, losses, rewards and metrics are f32 whatever the
 //! logits dtype, and the gradient has the element type of the caller's buffer. Both backends
-//! run the pair step in f64 with fixed reduction orders, so their outputs are bit-identical
-//! run to run (on the CPU also across thread counts), and they share one set of rules that
-//! turns NaN or f32 overflow into an error.
+//! run the pair step in f64 with fixed reduction orders and no atomics, so their outputs are
+//! bit-identical run to run (on the CPU also across thread counts; on a GPU this follows from
+//! the kernels' design and has not been measured yet). Both share one set of rules that turns
+//! NaN or f32 overflow into an error.
 //!
 //! # A trainer's step
 //!
