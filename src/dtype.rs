@@ -115,8 +115,8 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f32(value: f32) -> Self {
         // Round to nearest even on the top 16 bits, written without branches so that gradient
-        // loops vectorize; `bf16::from_f32` gives the same bits for every non-NaN input. NaN
-        // becomes the quiet NaN 0x7FC0 with its sign.
+        // loops vectorize. `bf16::from_f32` gives the same bits for every non-NaN input, and
+        // NaN becomes the quiet NaN 0x7FC0 with its sign.
         let bits = value.to_bits();
         let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16;
         let nan = ((bits >> 16) & 0x8000) | 0x7FC0;

@@ -215,7 +215,7 @@ pub enum Error {
     Emulator {
         /// Kernel entry and source file, `name (file.cu)`; empty for allocation failures.
         kernel: String,
-        /// What went wrong, with the block and threads involved.
+        /// The failure, with the block and threads involved.
         detail: String,
     },
 

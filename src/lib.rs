@@ -4,7 +4,7 @@
 //!
 //! # The math
 //!
-//! A batch holds `2B` sequences of `T` positions: rows `0..B` are chosen responses, rows
+//! A batch contains `2B` sequences of `T` positions: rows `0..B` are chosen responses, rows
 //! `B..2B` the rejected responses of the same pairs. Logits `x[r, t, :]` have row stride `W`
 //! and true vocabulary `V <= W`; labels `y[r, t]` are aligned with them, and the value
 //! `ignore_index` (default -100) masks a position out (`mask[r, t] = 0`).

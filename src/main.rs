@@ -60,7 +60,8 @@ struct LossArgs {
     /// Batch file: policy_logits [2B,T,W], labels [2B,T], optional reference_logps [2B].
     #[arg(long, value_name = "BATCH")]
     input: PathBuf,
-    /// Write loss, per-pair outputs and policy_logits_grad (F32) to this safetensors file.
+    /// Also run the backward, and write the loss, per-pair outputs and policy_logits_grad (F32)
+    /// to this safetensors file.
     #[arg(long, value_name = "OUT")]
     output: Option<PathBuf>,
     // Numeric flags take negative values, so that `--beta -1` reaches the range check and

@@ -34,7 +34,7 @@ pub struct DpoOutput {
 }
 
 /// Per-row and per-sequence values the forward keeps for the backward. Its size is
-/// O(2B * T); it never holds a copy of the logits.
+/// O(2B * T); it never contains a copy of the logits.
 #[derive(Debug)]
 pub struct ForwardState {
     pub(crate) shape: BatchShape,
@@ -71,9 +71,8 @@ impl ForwardState {
         }
     }
 
-    /// Checks that a backward gets the forward's labels and that no in-place backward has
-    /// overwritten the logits since the forward.
-    pub(crate) fn check_reusable<L: Label>(&self, labels: &[L]) -> Result<()> {
+    /// Checks that no in-place backward has overwritten the logits since the forward.
+    pub(crate) fn check_not_consumed(&self) -> Result<()> {
         if self.consumed_in_place.load(Ordering::Acquire) {
             return Err(Error::StateMismatch {
                 detail: "an in-place backward already overwrote the logits with their \
@@ -81,6 +80,13 @@ impl ForwardState {
                     .to_string(),
             });
         }
+        Ok(())
+    }
+
+    /// Checks that a backward with host labels gets the forward's labels and that no in-place
+    /// backward has overwritten the logits since the forward.
+    pub(crate) fn check_reusable<L: Label>(&self, labels: &[L]) -> Result<()> {
+        self.check_not_consumed()?;
         if let Some(digest) = self.labels_digest {
             if digest != labels_digest(labels) {
                 return Err(Error::StateMismatch {

@@ -16,9 +16,9 @@ use crate::dtype::Element;
 const CHUNK: usize = 256;
 
 /// Computes `exp(x)` for `x <= 0` (or -inf) in straight-line f32 code that the compiler
-/// vectorizes, unlike a libm call. Range reduction `x = k * ln 2 + r` with `|r| <= ln 2 / 2`,
-/// a degree-7 Taylor polynomial for `exp(r)` (truncation below 1.2e-8 relative) and `2^k`
-/// built from exponent bits; the result is within 2 ulp of the true value. Inputs below -87
+/// vectorizes, unlike a libm call. It reduces `x = k * ln 2 + r` with `|r| <= ln 2 / 2`, takes
+/// a degree-7 Taylor polynomial for `exp(r)` (truncation below 1.2e-8 relative) and builds
+/// `2^k` from exponent bits. A unit test bounds the result within 2 ulp over `[-87, 0]`. Inputs below -87
 /// return exactly 0: the true values are below 2^-125 and change no f32 sum or gradient
 /// within the crate's tolerances, and `exp(-inf)` must be 0.
 #[inline(always)]
@@ -50,7 +50,7 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     }
 }
 
-/// What the forward pass keeps of one valid row.
+/// Forward statistics of one valid row.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct RowStats {
     /// `(x_y - m) - log(s)`: the target token's log-prob.
@@ -63,7 +63,7 @@ pub(crate) struct RowStats {
     pub log_sum: f32,
 }
 
-/// Why a valid row has no log-softmax.
+/// Reason a valid row has no log-softmax.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) enum RowFault {
     /// A NaN at this column.
@@ -127,7 +127,7 @@ fn chunk_exp_sum(xs: &[f32; CHUNK], max: f32) -> f32 {
 
 /// Returns true when the CPU runs AVX2 code. The lane structure is explicit and Rust never
 /// contracts `a * b + c` into an FMA, so the AVX2 and the baseline builds of a row function
-/// give bit-identical results; only their speed differs.
+/// give bit-identical results. Only their speed differs.
 #[inline]
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -12,7 +12,7 @@ use super::nvrtc::{self, resolve_include_dirs};
 use super::source::MODULES;
 use crate::error::{Error, Result};
 
-/// What ptxas reported for one kernel entry on one architecture.
+/// ptxas's report for one kernel entry on one architecture.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelReport {
     /// Kernel source file (`token_logps.cu`).

@@ -62,7 +62,7 @@ pub(crate) struct BatchAddresses {
     pub label_name: &'static str,
 }
 
-/// What one forward returns before it is wrapped for the caller.
+/// Result of one forward before it is wrapped for the caller.
 pub(crate) struct ForwardResult<R: KernelRuntime> {
     /// Loss, per-pair values and metrics; `state` is filled in by the caller.
     pub loss: f32,
@@ -230,8 +230,8 @@ impl<R: KernelRuntime> Launcher<R> {
         let result = unsafe { self.forward_with(&mut ws, shape, config, inputs) }?;
         let grad_addr = rt.address(ensure(rt, &mut ws.grad, std::mem::size_of_val(grad))?);
         let entry = params::token_logps_bwd_entry(T::DTYPE, L::NAME, G::DTYPE);
-        // SAFETY: logits and labels are the buffers the forward just read, and grad holds
-        // 2B * T * W elements of G (its length was checked against the shape by the caller).
+        // SAFETY: logits and labels are the buffers the forward just read, and grad has room
+        // for 2B * T * W elements of G (its length was checked against the shape by the caller).
         unsafe {
             self.launch_backward(
                 shape,

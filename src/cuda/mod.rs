@@ -1,7 +1,7 @@
 //! The CUDA backend: hand-written kernels (`kernels/*.cu`) compiled by NVRTC at run time for
 //! the device's architecture, launched through cudarc.
 //!
-//! The launch sequences live in `launch.rs`, generic over `runtime::KernelRuntime`; the GPU
+//! The launch sequences live in `launch.rs`, generic over `runtime::KernelRuntime`. The GPU
 //! runtime is `driver.rs`, and the CPU emulator used by tests (feature `emulator`) is `emu.rs`,
 //! selected with `Cuda::emulated`.
 //!
@@ -110,7 +110,7 @@ macro_rules! with_launcher {
 /// The CUDA backend on one device.
 ///
 /// Host slices passed to [`Backend`] methods are copied into device buffers that grow to the
-/// largest batch seen and are reused, so that path holds a device copy of the logits (and of
+/// largest batch seen and are reused, so that path keeps a device copy of the logits (and of
 /// the gradient). A separate backward uploads the logits again; [`Backend::forward_backward`]
 /// uploads them once for both passes. Trainers whose logits are already
 /// on the GPU call [`Cuda::forward_device`] and [`Cuda::backward_device`] instead, which copy
@@ -352,11 +352,11 @@ fn check_context(ours: &Arc<CudaStream>, theirs: &Arc<CudaStream>, tensor: &str)
     }
 }
 
-/// The backward checks that need no host copy of the labels.
+/// Runs the backward checks that need no host copy of the labels.
 fn check_device_backward(shape: &BatchShape, state: &ForwardState, grad_loss: f32) -> Result<()> {
     state.check_shape(shape)?;
     // Device labels are not hashed, so only the in-place check applies.
-    state.check_reusable::<i64>(&[])?;
+    state.check_not_consumed()?;
     if !grad_loss.is_finite() {
         return Err(Error::InvalidParameter {
             name: "grad_loss",
@@ -391,7 +391,7 @@ fn require_saved<'a, R: SavedSlot>(
     launcher.check_owner(saved_of::<R>(state))
 }
 
-/// The host-slice forward shared by every runtime.
+/// Runs the host-slice forward, shared by every runtime.
 fn forward_on<R: SavedSlot, T: Element, L: Label>(
     launcher: &Launcher<R>,
     batch: &Batch<'_, T, L>,
@@ -410,7 +410,7 @@ fn forward_on<R: SavedSlot, T: Element, L: Label>(
     Ok(result.into_output(shape, *config, digest, |saved| Saved::Cuda(R::wrap(saved))))
 }
 
-/// The host-slice forward and backward with one upload, shared by every runtime.
+/// Runs the host-slice forward and backward with one upload, shared by every runtime.
 fn forward_backward_on<R: SavedSlot, T: Element, L: Label, G: Element>(
     launcher: &Launcher<R>,
     batch: &Batch<'_, T, L>,

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 /// and `cuda_bf16.h`. It is searched before `CUDA_HOME`, `CUDA_PATH` and `/usr/local/cuda`.
 pub const INCLUDE_ENV: &str = "DPO_CUDA_INCLUDE";
 
-/// What NVRTC produced for one source.
+/// NVRTC's output for one source.
 #[derive(Debug)]
 pub(crate) struct Compiled {
     /// CUBIN for a real architecture (`sm_XY`), PTX text for a virtual one (`compute_XY`).

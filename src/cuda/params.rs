@@ -144,7 +144,7 @@ unsafe impl KernelParams for DpoPairsParams {}
 // SAFETY: as above.
 unsafe impl KernelParams for TokenLogpsBwdParams {}
 
-/// How the token kernels split rows over the grid.
+/// Split of the token kernels' rows over the grid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct RowSplit {
     /// Grid and block sizes.
